@@ -1,0 +1,3 @@
+from p4q_lightning.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Post-training calibration: quantize the weights once, then fix activation ranges from data."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from p4q_lightning.quant.convert import quant_modules, quantizers
+from p4q_lightning.quant.quantizer import ActivationQuantizer
+
+log = logging.getLogger(__name__)
+
+
+def _batches(data: Iterable[Any] | torch.Tensor | None) -> Iterable[torch.Tensor]:
+    """Accept a tensor, an iterable of tensors, or of (tensor, label) pairs (a DataLoader)."""
+    if data is None:
+        return []
+    if isinstance(data, torch.Tensor):
+        return [data]
+    return (b[0] if isinstance(b, (tuple, list)) else b for b in data)
+
+
+def _tower_of(name: str) -> str:
+    return "vision" if name.startswith("visual.") else "text"
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    images: Iterable[Any] | torch.Tensor | None = None,
+    texts: Iterable[Any] | torch.Tensor | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Calibrate a student from :func:`quantize` in place and return per-quantizer statistics.
+
+    Weights are quantized first (once, stored on the grid), then image batches run through
+    ``encode_image`` and token batches through ``encode_text`` while every activation
+    quantizer records its observer's statistics; the chosen ranges become buffers. ``images``
+    and ``texts`` may be tensors, iterables of tensors or DataLoaders of (x, y) pairs.
+    """
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    for _, module in quant_modules(model):
+        module.freeze_weights()
+
+    act = [(n, q) for n, q in quantizers(model) if isinstance(q, ActivationQuantizer)]
+    towers_needing_data = {_tower_of(n) for n, _ in act}
+    was_training = model.training
+    model.eval()
+    for _, q in act:
+        q.start_observing()
+    seen = {"vision": 0, "text": 0}
+    try:
+        for tower, data, encode in (
+            ("vision", images, model.encode_image),
+            ("text", texts, model.encode_text),
+        ):
+            if tower not in towers_needing_data:
+                continue
+            for batch in tqdm(_batches(data), desc=f"calibrating {tower}", disable=not progress, leave=False):
+                encode(batch.to(device))
+                seen[tower] += int(batch.shape[0])
+        missing = sorted(t for t in towers_needing_data if seen[t] == 0)
+        if missing:
+            arg = {"vision": "images", "text": "texts"}
+            raise ValueError(
+                "calibrating with no data: the "
+                + " and ".join(f"{t} tower has quantized activations but `{arg[t]}=` is empty" for t in missing)
+                + "; pass a few batches (e.g. 1,024 training images and the class prompts)"
+            )
+    except BaseException:
+        for _, q in act:
+            q.mode, q._observer = "quant", None
+        raise
+    finally:
+        model.train(was_training)
+
+    stats: dict[str, dict[str, float]] = {}
+    for name, q in act:
+        q.finish_observing()
+        stats[name] = dict(q.last_stats)
+    log.info(
+        "calibrated %d activation quantizers on %d images and %d texts in %.1f s",
+        len(act), seen["vision"], seen["text"], time.perf_counter() - start,
+    )
+    return stats
+
+
+def group_statistics(stats: dict[str, dict[str, float]], model: nn.Module) -> dict[str, dict[str, float]]:
+    """Average per-quantizer statistics by layer group (e.g. ``vision.mlp_fc``)."""
+    group_of = {}
+    for name, module in quant_modules(model):
+        for child_name, _ in module.named_modules():
+            full = f"{name}.{child_name}" if child_name else name
+            group_of[full] = module.group
+    by_group: dict[str, list[dict[str, float]]] = {}
+    for name, s in stats.items():
+        owner = name.rsplit(".", 1)[0]
+        group = group_of.get(owner, owner)
+        if name.endswith(("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer")):
+            group = group.replace("attn_qkv", "attn_internals")
+        by_group.setdefault(group, []).append(s)
+    return {
+        g: {k: sum(s.get(k, 0.0) for s in ss) / len(ss) for k in ("scale", "clip_ratio")}
+        for g, ss in by_group.items()
+    }

@@ -1,0 +1,238 @@
+"""Quantized drop-in replacements for the layers of an open_clip transformer.
+
+Each keeps the original parameter names (``weight``, ``bias``, ``in_proj_weight``,
+``out_proj.weight``...) so open_clip state dicts load unchanged, and adds quantizers as
+children. With every quantizer disabled each module computes what the float layer computes.
+Weights are quantized once by :meth:`freeze_weights` (called by calibration) and stored
+on the grid, so no forward pass re-quantizes a frozen weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p4q_lightning.quant.quantizer import ActivationQuantizer, Log2Quantizer, WeightQuantizer
+from p4q_lightning.quant.spec import GroupSpec
+
+
+def _act_quantizer(spec: GroupSpec, channels: int) -> ActivationQuantizer:
+    return ActivationQuantizer(
+        spec.a_bits, spec.a_observer, spec.a_per_channel, channels, spec.percentile
+    )
+
+
+class QuantizedWeightMixin:
+    """Shared weight handling: quantize the stored weight once, in place."""
+
+    weight: nn.Parameter
+    weight_quantizer: WeightQuantizer
+
+    @torch.no_grad()
+    def freeze_weights(self) -> None:
+        wq = self.weight_quantizer
+        if not wq.enabled or wq.dynamic or bool(self.weights_frozen):
+            return
+        wq.calibrate_from(self.weight)
+        self.weight.data.copy_(wq(self.weight.data))
+        self.weights_frozen.fill_(True)
+
+    def quantized_weight(self) -> torch.Tensor:
+        wq = self.weight_quantizer
+        if not wq.enabled or bool(self.weights_frozen):
+            return self.weight
+        return wq(self.weight)
+
+
+class QuantLinear(QuantizedWeightMixin, nn.Module):
+    """``nn.Linear`` with a quantized input activation and a quantized weight."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: GroupSpec,
+        group: str,
+        bias: bool = True,
+        dynamic_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.input_quantizer = _act_quantizer(spec, in_features)
+        self.weight_quantizer = WeightQuantizer(
+            spec.w_bits, out_features, spec.w_observer, spec.percentile, dynamic=dynamic_weights
+        )
+        self.register_buffer("weights_frozen", torch.tensor(False))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: GroupSpec, group: str) -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, spec, group, bias=False)
+        q.weight = linear.weight
+        q.bias = linear.bias
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, group={self.group}"
+
+
+class QuantConv2d(QuantizedWeightMixin, nn.Module):
+    """``nn.Conv2d`` (the patch embedding) with quantized input pixels and weight."""
+
+    def __init__(self, conv: nn.Conv2d, spec: GroupSpec, group: str) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.input_quantizer = _act_quantizer(spec, conv.in_channels)
+        self.weight_quantizer = WeightQuantizer(
+            spec.w_bits, conv.out_channels, spec.w_observer, spec.percentile
+        )
+        self.register_buffer("weights_frozen", torch.tensor(False))
+        if spec.a_per_channel:
+            raise ValueError("per-channel activation quantization is not offered for the patch embedding")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            self.input_quantizer(x), self.quantized_weight(), self.bias,
+            self.stride, self.padding, self.dilation, self.groups,
+        )
+
+
+class QuantEmbedding(QuantizedWeightMixin, nn.Module):
+    """Token-embedding table quantized per row (weight only: its input is integer ids)."""
+
+    def __init__(self, embedding: nn.Embedding, spec: GroupSpec, group: str) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = embedding.weight
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.weight_quantizer = WeightQuantizer(
+            spec.w_bits, self.num_embeddings, spec.w_observer, spec.percentile
+        )
+        self.register_buffer("weights_frozen", torch.tensor(False))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.quantized_weight())
+
+
+class QuantMultiheadAttention(QuantizedWeightMixin, nn.Module):
+    """Replacement for open_clip's ``nn.MultiheadAttention`` (self-attention, any batch layout).
+
+    Quantizes the q/k/v projection (its input and ``in_proj_weight``: group ``attn_qkv``),
+    q, k, v and the post-softmax probabilities (``attn_internals``), and the output
+    projection (``attn_out``). Masks follow ``nn.MultiheadAttention``: additive float or
+    boolean (True = masked), 2-D ``[L, S]`` or 3-D ``[B*heads, L, S]``.
+    """
+
+    def __init__(
+        self,
+        mha: nn.MultiheadAttention,
+        qkv: GroupSpec,
+        internals: GroupSpec,
+        out: GroupSpec,
+        tower: str,
+    ) -> None:
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise ValueError("only attention with a packed in_proj_weight (as open_clip builds) is supported")
+        self.group = f"{tower}.attn_qkv"
+        self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
+        self.head_dim = mha.embed_dim // mha.num_heads
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        self.in_proj_weight = mha.in_proj_weight
+        self.in_proj_bias = mha.in_proj_bias
+        self.weight_quantizer = WeightQuantizer(
+            qkv.w_bits, 3 * self.embed_dim, qkv.w_observer, qkv.percentile
+        )
+        self.input_quantizer = _act_quantizer(qkv, self.embed_dim)
+        self.register_buffer("weights_frozen", torch.tensor(False))
+        self.internals_quantized = internals.a_bits is not None
+        internal_spec = GroupSpec(
+            a_bits=internals.a_bits, a_observer=internals.a_observer, percentile=internals.percentile
+        )
+        self.q_quantizer = _act_quantizer(internal_spec, self.head_dim)
+        self.k_quantizer = _act_quantizer(internal_spec, self.head_dim)
+        self.v_quantizer = _act_quantizer(internal_spec, self.head_dim)
+        if internals.softmax_quantizer == "log2":
+            self.probs_quantizer: nn.Module = Log2Quantizer(internals.a_bits)
+        else:
+            probs_spec = GroupSpec(a_bits=internals.a_bits, a_observer="minmax")
+            self.probs_quantizer = _act_quantizer(probs_spec, 1)
+        self.out_proj = QuantLinear.from_float(mha.out_proj, out, f"{tower}.attn_out")
+
+    # The mixin quantizes ``self.weight``; attention's packed weight has another name.
+    @property
+    def weight(self) -> nn.Parameter:  # type: ignore[override]
+        return self.in_proj_weight
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, None]:
+        if need_weights:
+            raise NotImplementedError("QuantMultiheadAttention does not return attention weights")
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("QuantMultiheadAttention supports self-attention only")
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, length, _ = x.shape
+        qkv = F.linear(self.input_quantizer(x), self.quantized_weight(), self.in_proj_bias)
+        q, k, v = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = self._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if self.internals_quantized:
+            q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            probs = self.probs_quantizer(scores.softmax(dim=-1))
+            if dropout:
+                probs = F.dropout(probs, dropout)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _merge_masks(
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """One additive mask broadcastable to [B, heads, L, L]."""
+        mask = None
+        if attn_mask is not None:
+            mask = _additive(attn_mask, dtype)
+            if mask.dim() == 3:
+                mask = mask.view(batch, self.num_heads, length, -1)
+        if key_padding_mask is not None:
+            pad = _additive(key_padding_mask, dtype).view(batch, 1, 1, length)
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, heads={self.num_heads}, internals_quantized={self.internals_quantized}"
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)

@@ -1,0 +1,216 @@
+"""Fake-quantizer modules: one per quantized tensor, with their parameters as buffers.
+
+Buffers (scales, zero points, the calibrated flag) are part of the state dict, so a checkpoint
+or an export carries the calibration; observers are transient and never saved.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from p4q_lightning.quant.observers import ActivationObserver, weight_max_abs
+from p4q_lightning.quant.qmath import affine_qparams, fake_quant, log2_quant, symmetric_qmax, symmetric_scale
+
+
+class NotCalibratedError(RuntimeError):
+    """Raised when a quantized model is run before its activation ranges are known."""
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel weight quantizer (dim 0 is the channel).
+
+    Frozen weights are quantized once by :meth:`calibrate_from`; ``dynamic=True`` re-derives
+    the scale on every call, for weights that train (the adapter) so they stay on the grid.
+    """
+
+    def __init__(
+        self,
+        bits: int | None,
+        channels: int,
+        observer: str = "minmax",
+        percentile: float = 99.99,
+        dynamic: bool = False,
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.observer = observer
+        self.percentile = percentile
+        self.dynamic = dynamic
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
+        self.register_buffer("calibrated", torch.tensor(bits is None))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def qmax(self) -> int:
+        assert self.bits is not None
+        return symmetric_qmax(self.bits)
+
+    @torch.no_grad()
+    def calibrate_from(self, weight: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        max_abs = weight_max_abs(weight, self.bits, self.observer, self.percentile)
+        self.scale.copy_(symmetric_scale(max_abs, self.bits).to(self.scale.device))
+        self.calibrated.fill_(True)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        if self.dynamic:
+            with torch.no_grad():
+                max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+                self.scale.copy_(symmetric_scale(max_abs, self.bits))
+                self.calibrated.fill_(True)
+        elif not bool(self.calibrated):
+            raise NotCalibratedError(
+                "weight quantizer used before calibration: call p4q_lightning.calibrate(model, ...)"
+            )
+        return fake_quant(weight, self.scale, self.zero_point, -self.qmax, self.qmax, axis=0)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes of an (already quantized) weight, as int8."""
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        q = torch.round(weight.float() / self.scale.view(shape)).clamp(-self.qmax, self.qmax)
+        return q.to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, observer={self.observer}, dynamic={self.dynamic}"
+
+
+class ActivationQuantizer(nn.Module):
+    """Asymmetric activation quantizer (per tensor, or per last-dim channel).
+
+    Modes: ``quant`` (use stored range), ``observe`` (calibration: record statistics, pass the
+    input through unchanged), ``ema`` (quantization-aware training: track the range with an
+    exponential moving average while training, use it frozen in eval).
+    """
+
+    def __init__(
+        self,
+        bits: int | None,
+        observer: str = "omse",
+        per_channel: bool = False,
+        channels: int = 1,
+        percentile: float = 99.99,
+        ema_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.observer_name = observer
+        self.per_channel = per_channel
+        self.percentile = percentile
+        self.ema_momentum = ema_momentum
+        self.mode = "quant"
+        self._observer: ActivationObserver | None = None
+        self.last_stats: dict[str, float] = {}
+        n = channels if per_channel else 1
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        self.register_buffer("range_min", torch.zeros(n))
+        self.register_buffer("range_max", torch.zeros(n))
+        self.register_buffer("calibrated", torch.tensor(bits is None))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    def start_observing(self) -> None:
+        if self.enabled:
+            self.mode = "observe"
+            self._observer = ActivationObserver(
+                self.observer_name, self.per_channel, self.percentile
+            )
+
+    @torch.no_grad()
+    def finish_observing(self) -> bool:
+        """Fix the range from what was observed; returns False when nothing was seen."""
+        if not self.enabled or self._observer is None:
+            return True
+        obs, self._observer, self.mode = self._observer, None, "quant"
+        if obs.min is None:
+            return False
+        lo, hi = obs.compute_range(self.bits)
+        self.set_range(lo, hi)
+        clipped = 0.0
+        if obs.samples:
+            sample = torch.cat(obs.samples, dim=0)
+            clipped = float(((sample < lo) | (sample > hi)).float().mean())
+        self.last_stats = {
+            "min": float(lo.min()),
+            "max": float(hi.max()),
+            "scale": float(self.scale.mean()),
+            "clip_ratio": clipped,
+            "batches": float(obs.batches),
+        }
+        return True
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        device = self.scale.device
+        lo, hi = lo.reshape(-1).to(device), hi.reshape(-1).to(device)
+        scale, zp = affine_qparams(lo, hi, self.bits)
+        self.range_min.copy_(lo)
+        self.range_max.copy_(hi)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp.to(torch.int32))
+        self.calibrated.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.mode == "observe":
+            self._observer.update(x)
+            return x
+        if self.mode == "ema" and self.training:
+            self._ema_update(x)
+        elif not bool(self.calibrated):
+            raise NotCalibratedError(
+                "activation quantizer used before calibration: call "
+                "p4q_lightning.calibrate(model, images=..., texts=...) before encoding"
+            )
+        axis = -1 if self.per_channel else None
+        return fake_quant(x, self.scale, self.zero_point, 0, 2**self.bits - 1, axis=axis)
+
+    @torch.no_grad()
+    def _ema_update(self, x: torch.Tensor) -> None:
+        rows = x.detach().float().reshape(-1, x.shape[-1]) if self.per_channel else x.detach().reshape(-1, 1).float()
+        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
+        if bool(self.calibrated):
+            m = self.ema_momentum
+            lo = (1 - m) * self.range_min + m * lo
+            hi = (1 - m) * self.range_max + m * hi
+        self.set_range(lo, hi)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, observer={self.observer_name}, per_channel={self.per_channel}"
+
+
+class Log2Quantizer(nn.Module):
+    """Log2 quantizer for post-softmax probabilities; its range [0, 1] needs no calibration."""
+
+    def __init__(self, bits: int | None) -> None:
+        super().__init__()
+        self.bits = bits
+        self.mode = "quant"
+        self.last_stats: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    def start_observing(self) -> None:  # nothing to observe
+        pass
+
+    def finish_observing(self) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.bits is None else log2_quant(x, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
