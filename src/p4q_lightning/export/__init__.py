@@ -1,0 +1,42 @@
+"""Low-bit export: real integer weights on disk, a loadable classifier, and int8 CPU inference."""
+
+from p4q_lightning.export.format import (
+    ExportMismatchError,
+    ExportWriteError,
+    LowBitFormatError,
+    read_container,
+    write_container,
+)
+from p4q_lightning.export.int8 import Int8Linear, Int8MultiheadAttention, convert_to_int8, int8_backend
+from p4q_lightning.export.loader import LowBitCLIP, load_lowbit
+from p4q_lightning.export.packing import pack_codes, packed_nbytes, storage_bits, unpack_codes
+from p4q_lightning.export.writer import (
+    ExportReport,
+    estimate_lowbit_nbytes,
+    export_lowbit,
+    float32_nbytes,
+    lowbit_state,
+)
+
+__all__ = [
+    "ExportMismatchError",
+    "ExportReport",
+    "ExportWriteError",
+    "Int8Linear",
+    "Int8MultiheadAttention",
+    "LowBitCLIP",
+    "LowBitFormatError",
+    "convert_to_int8",
+    "estimate_lowbit_nbytes",
+    "export_lowbit",
+    "float32_nbytes",
+    "int8_backend",
+    "load_lowbit",
+    "lowbit_state",
+    "pack_codes",
+    "packed_nbytes",
+    "read_container",
+    "storage_bits",
+    "unpack_codes",
+    "write_container",
+]

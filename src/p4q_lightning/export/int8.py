@@ -1,0 +1,219 @@
+"""CPU inference with real integer matrix multiplies for a calibrated low-bit student.
+
+Each quantized linear whose input activation is quantized per tensor becomes an
+:class:`Int8Linear`: the input is rounded to its calibrated uint8 grid, multiplied with the int8
+weight codes in an integer GEMM (int32 accumulation), and rescaled to float, which is the
+fake-quant computation carried out in integers. Two kernels, both shipped with torch:
+
+- ``fbgemm``: ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (static input
+  scale/zero point, fused quantization, AVX2/AVX512-VNNI GEMM, float output);
+- ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32) with the zero point folded out.
+
+The attention q/k/v products, softmax, LayerNorms and the patch-embedding conv stay in float
+(their quantizers still apply), as does every layer whose activation is float or per channel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p4q_lightning.quant import ActivationQuantizer, QuantLinear, QuantMultiheadAttention, WeightQuantizer
+
+log = logging.getLogger(__name__)
+
+
+def _prepack_fbgemm(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> object:
+    zero = torch.zeros(codes.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized-tensor constructors warn about their future
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(codes, scale.double(), zero, 0)
+        torch.backends.quantized.engine = "fbgemm"
+        return torch.ops.quantized.linear_prepack(qw, bias)
+
+
+@functools.cache
+def int8_backend() -> str:
+    """``fbgemm`` when present and exact on this CPU (no int16 saturation), else ``int_mm``."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "int_mm"
+    try:
+        codes = torch.full((16, 64), 127, dtype=torch.int8)
+        codes[:, 1::2] = -127
+        codes[8:] = 127
+        scale = torch.full((16,), 0.01)
+        packed = _prepack_fbgemm(codes, scale, None)
+        x = torch.full((4, 64), 2.55)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 0.01, 0, packed)
+        ref = (torch.full((4, 64), 255.0) @ codes.float().t()) * 1e-4
+        if torch.allclose(y, ref, rtol=1e-5, atol=1e-4):
+            return "fbgemm"
+        log.warning("fbgemm int8 GEMM saturates on this CPU; using torch._int_mm")
+    except (RuntimeError, AttributeError) as e:
+        log.warning("fbgemm int8 GEMM unavailable (%s); using torch._int_mm", e)
+    return "int_mm"
+
+
+class Int8Linear(nn.Module):
+    """A linear layer computed as ``s_x * s_w * (int8 GEMM(q(x), codes))`` + bias (CPU).
+
+    Built from an on-grid weight, its per-output-channel scale and the calibrated per-tensor
+    input quantizer (bits <= 8). Holds no trainable state: for inference only.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: ActivationQuantizer,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if act.bits is None or act.bits > 8 or act.per_channel or not bool(act.calibrated):
+            raise ValueError("Int8Linear needs a calibrated per-tensor input quantizer of <= 8 bits")
+        self.backend = backend or int8_backend()
+        w = weight.detach().float().cpu()
+        scale = weight_scale.detach().float().cpu()
+        codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.out_features, self.in_features = codes.shape
+        self.x_scale = float(act.scale.reshape(-1)[0])
+        self.x_zp = int(act.zero_point.reshape(-1)[0])
+        self.a_qmax = 2**act.bits - 1
+        # inputs outside the grid are clipped first, so the kernel's uint8 range equals the grid's
+        self.clip_lo = (0 - self.x_zp) * self.x_scale
+        self.clip_hi = (self.a_qmax - self.x_zp) * self.x_scale
+        self.needs_clip = act.bits < 8
+        b = None if bias is None else bias.detach().float().cpu()
+        if self.backend == "fbgemm":
+            self._packed = _prepack_fbgemm(codes, scale, b)
+        elif self.backend == "int_mm":
+            self.register_buffer("codes_t", codes.t().contiguous(), persistent=False)
+            # x_q - zp = (x_q - 128) - (zp - 128): int8 input, zero point folded into a row term
+            self.register_buffer("zp_term", (self.x_zp - 128) * codes.to(torch.int32).sum(dim=1), persistent=False)
+            self.register_buffer("out_scale", scale * self.x_scale, persistent=False)
+            self.register_buffer("bias", b, persistent=False)
+        else:
+            raise ValueError(f"unknown int8 backend {self.backend!r}: use 'fbgemm' or 'int_mm'")
+
+    @classmethod
+    def from_quant_linear(cls, layer: QuantLinear, backend: str | None = None) -> Int8Linear:
+        return cls(_grid(layer.weight, layer.weight_quantizer), layer.weight_quantizer.scale, layer.bias,
+                   layer.input_quantizer, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        if self.needs_clip:
+            x2 = x2.clamp(self.clip_lo, self.clip_hi)
+        if self.backend == "fbgemm":
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                x2, self.x_scale, self.x_zp, self._packed
+            )
+        else:
+            xq = torch.fake_quantize_per_tensor_affine(x2, self.x_scale, self.x_zp, 0, self.a_qmax)
+            xq = (torch.round(xq / self.x_scale) + (self.x_zp - 128)).to(torch.int8)
+            acc = _int_mm(xq, self.codes_t) - self.zp_term
+            y = acc.float() * self.out_scale
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, backend={self.backend}"
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` with the small-batch padding some builds require (M > 16)."""
+    m = a.shape[0]
+    if m <= 16:
+        a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+    return torch._int_mm(a, b)[:m]
+
+
+def _grid(weight: torch.Tensor, wq: WeightQuantizer) -> torch.Tensor:
+    """The on-grid weight the fake-quant layer multiplies with (dynamic quantizers: now)."""
+    return wq(weight.detach()) if wq.dynamic else weight.detach()
+
+
+def _supported(act: ActivationQuantizer, wq: WeightQuantizer) -> bool:
+    return (
+        wq.enabled and act.enabled and not act.per_channel and act.bits <= 8 and bool(act.calibrated)
+        and (wq.dynamic or bool(wq.calibrated))
+    )
+
+
+class Int8MultiheadAttention(nn.Module):
+    """:class:`QuantMultiheadAttention` with its q/k/v and output projections in int8."""
+
+    def __init__(self, attn: QuantMultiheadAttention, backend: str | None = None) -> None:
+        super().__init__()
+        self.attn = attn
+        self.batch_first = attn.batch_first
+        self.qkv: nn.Module | None = None
+        if _supported(attn.input_quantizer, attn.weight_quantizer):
+            self.qkv = Int8Linear(_grid(attn.in_proj_weight, attn.weight_quantizer), attn.weight_quantizer.scale,
+                                  attn.in_proj_bias, attn.input_quantizer, backend)
+        out = attn.out_proj
+        if isinstance(out, QuantLinear) and _supported(out.input_quantizer, out.weight_quantizer):
+            attn.out_proj = Int8Linear.from_quant_linear(out, backend)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        **_: object,
+    ) -> tuple[torch.Tensor, None]:
+        a = self.attn
+        if need_weights or (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("Int8MultiheadAttention supports self-attention without weights only")
+        x = query if self.batch_first else query.transpose(0, 1)
+        b, length, _ = x.shape
+        if self.qkv is not None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(a.input_quantizer(x), a.quantized_weight(), a.in_proj_bias)
+        q, k, v = qkv.view(b, length, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        mask = a._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
+        if a.internals_quantized:
+            q, k, v = a.q_quantizer(q), a.k_quantizer(k), a.v_quantizer(v)
+            scores = (q * a.head_dim**-0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            out = a.probs_quantizer(scores.softmax(dim=-1)) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = a.out_proj(out.transpose(1, 2).reshape(b, length, a.embed_dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def convert_to_int8(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Swap every supported quantized linear / attention of ``model`` for its int8 version.
+
+    In place; returns ``model`` (in eval mode). Layers that cannot run in integers (float or
+    per-channel activations) keep their fake-quant float computation.
+    """
+    backend = backend or int8_backend()
+    model.eval()
+    converted = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, QuantMultiheadAttention):
+                setattr(parent, child_name, Int8MultiheadAttention(child, backend))
+                converted += 1
+            elif isinstance(child, QuantLinear) and _supported(child.input_quantizer, child.weight_quantizer):
+                setattr(parent, child_name, Int8Linear.from_quant_linear(child, backend))
+                converted += 1
+    if isinstance(model, QuantLinear):
+        raise TypeError("convert_to_int8 converts the children of a model; wrap a bare QuantLinear first")
+    log.info("int8 inference: converted %d layers (backend %s)", converted, backend)
+    return model

@@ -1,0 +1,222 @@
+"""Load a low-bit export back into a runnable classifier: :func:`load_lowbit` -> :class:`LowBitCLIP`.
+
+The architecture is rebuilt from open_clip (``load_clip(name, None)`` + ``quantize(spec)``),
+then the integer codes are expanded with their scales into exactly the on-grid weights the
+fake-quant student multiplied with, so logits match the student's. :meth:`LowBitCLIP.to_int8`
+swaps in real integer matrix multiplies for CPU inference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p4q_lightning.export.format import ExportMismatchError, LowBitFormatError, read_container
+from p4q_lightning.export.packing import unpack_codes
+from p4q_lightning.export.writer import ADAPTER, HEAD, STUDENT, weight_key
+from p4q_lightning.model.clip import load_clip
+from p4q_lightning.quant import QuantSpec, quant_modules, quantize
+
+log = logging.getLogger(__name__)
+
+#: Adapter classes are imported by name from the file: only from these packages.
+TRUSTED_ADAPTER_PACKAGES = ("p4q_lightning.",)
+
+
+class LowBitCLIP(nn.Module):
+    """A low-bit CLIP classifier: quantized student, optional adapter, fixed text features.
+
+    ``logits(images)`` = ``logit_scale * normalize(adapter(encode_image(images))) @ text_features.T``,
+    the P4Q student's image-to-class logits; ``predict`` returns class indices and
+    ``predict_names`` class names. ``encode_image``/``encode_text`` expose the quantized towers.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        classnames: list[str] | None = None,
+        text_features: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
+        adapter: nn.Module | None = None,
+        prompt_ctx: torch.Tensor | None = None,
+        info: dict[str, Any] | None = None,
+        preprocess: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.adapter = adapter
+        self.classnames = list(classnames or [])
+        self.info = dict(info or {})
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.register_buffer("text_features", text_features)
+        self.register_buffer("logit_scale", logit_scale)
+        self.register_buffer("prompt_ctx", prompt_ctx)
+        self.int8 = False
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec.from_dict(self.info["spec"])
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.clip.encode_text(tokens, normalize=normalize)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized image features after the adapter (what the classifier compares)."""
+        z = self.clip.encode_image(images)
+        if self.adapter is not None:
+            z = self.adapter(z)
+        return F.normalize(z, dim=-1)
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.text_features is None:
+            raise ValueError(
+                "this export has no classifier head (text features); export it with "
+                "text_features= and classnames=, or use encode_image/encode_text"
+            )
+        return self.logit_scale * self.image_features(images) @ self.text_features.t()
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(images).argmax(dim=-1)
+
+    def predict_names(self, images: torch.Tensor) -> list[str]:
+        return [self.classnames[i] for i in self.predict(images).tolist()]
+
+    def to_int8(self) -> LowBitCLIP:
+        """Run quantized linears with real int8 matrix multiplies (CPU); returns ``self``."""
+        from p4q_lightning.export.int8 import convert_to_int8
+
+        self.clip = convert_to_int8(self.clip)
+        if self.adapter is not None:
+            self.adapter = convert_to_int8(self.adapter)
+        self.int8 = True
+        return self
+
+
+def _restore(
+    target: nn.Module, tensors: dict[str, torch.Tensor], info: dict[str, Any], prefix: str, what: str
+) -> dict[str, torch.Tensor]:
+    """Expand codes to on-grid weights and check every key and shape against ``target``."""
+    expected = target.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for full, t in tensors.items():
+        if not full.startswith(prefix):
+            continue
+        key = full[len(prefix):]
+        q = info["quantized"].get(full)
+        if q is not None:
+            scale_key = f"{prefix}{key.rsplit('.', 1)[0]}.weight_quantizer.scale" if "." in key else f"{prefix}weight_quantizer.scale"
+            codes = unpack_codes(t, q["bits"], q["shape"])
+            scale = tensors[scale_key]
+            t = codes.float() * scale.view((-1,) + (1,) * (codes.dim() - 1))
+        state[key] = t
+    for full, z in info.get("zeros", {}).items():
+        if full.startswith(prefix):
+            state[full[len(prefix):]] = torch.zeros(z["shape"], dtype=getattr(torch, z["dtype"]))
+    _check_bits(target, info, prefix, what)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
+        raise ExportMismatchError(
+            f"the export does not fit the {what} rebuilt from its metadata: " + "; ".join(parts)
+            + ". The file's model name / quant spec disagree with its weights, or it was written by "
+            "a different version; re-export it from the run"
+        )
+    return state
+
+
+def _check_bits(target: nn.Module, info: dict[str, Any], prefix: str, what: str) -> None:
+    """Every weight the rebuilt spec quantizes must be stored as codes of the same width."""
+    want = {
+        prefix + weight_key(name, m): m.weight_quantizer.bits
+        for name, m in quant_modules(target)
+        if m.weight_quantizer.enabled
+    }
+    have = {k: v["bits"] for k, v in info["quantized"].items() if k.startswith(prefix)}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        k = diff[0]
+        raise ExportMismatchError(
+            f"the export does not fit the {what} rebuilt from its metadata: its quant spec gives "
+            f"{k[len(prefix):]} {want.get(k, 'float')} bits but the file stores "
+            f"{have.get(k, 'float')} ({len(diff)} such weights). The metadata was altered or written "
+            "by a different version; re-export it from the run"
+        )
+
+
+def _build_adapter(cfg: dict[str, Any], factory: Callable[[dict[str, Any]], nn.Module] | None) -> nn.Module:
+    if factory is not None:
+        return factory(cfg.get("init", {}))
+    target = cfg["target"]
+    module_name, _, attr = target.partition(":")
+    if not attr or not (module_name + ".").startswith(TRUSTED_ADAPTER_PACKAGES):
+        raise LowBitFormatError(
+            f"adapter target {target!r} is not a 'module:Class' inside {TRUSTED_ADAPTER_PACKAGES}; "
+            "refusing to import it (pass adapter_factory= to load_lowbit to build it yourself)"
+        )
+    cls = getattr(importlib.import_module(module_name), attr)
+    return cls(**cfg.get("init", {}))
+
+
+def load_lowbit(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    int8: bool = False,
+    adapter_factory: Callable[[dict[str, Any]], nn.Module] | None = None,
+) -> LowBitCLIP:
+    """Load a file written by :func:`export_lowbit` (or ``LowBitExportCallback``, ``p4q export``).
+
+    Verifies the checksum, rebuilds the quantized architecture named in the metadata and fills
+    it with the stored integers and float parts. ``int8=True`` converts it for CPU integer
+    inference (:meth:`LowBitCLIP.to_int8`). The adapter is rebuilt from the ``target`` class in
+    the metadata (only inside ``p4q_lightning``), or by ``adapter_factory(init_kwargs)``. Raises :class:`LowBitFormatError` for damaged
+    files and :class:`ExportMismatchError` when the weights do not fit the named architecture.
+    """
+    tensors, info = read_container(path)
+    model_info = info["model"]
+    clip, preprocess, tokenizer = load_clip(model_info["name"], None)
+    student = quantize(clip, QuantSpec.from_dict(info["spec"]))
+    del clip
+    student.load_state_dict(_restore(student, tensors, info, STUDENT, f"{model_info['name']} student"))
+    adapter = None
+    if info.get("adapter"):
+        adapter = _build_adapter(info["adapter"], adapter_factory)
+        adapter.load_state_dict(_restore(adapter, tensors, info, ADAPTER, "adapter"))
+        adapter.requires_grad_(False)
+    model = LowBitCLIP(
+        student,
+        classnames=info.get("classnames"),
+        text_features=tensors.get(HEAD + "text_features"),
+        logit_scale=tensors.get(HEAD + "logit_scale"),
+        adapter=adapter,
+        prompt_ctx=tensors.get(HEAD + "prompt_ctx"),
+        info=info,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+    )
+    model.eval().to(device)
+    if int8:
+        model.to_int8()
+    log.info("loaded low-bit %s (%s) from %s", model_info["name"], info["spec"].get("name"), path)
+    return model

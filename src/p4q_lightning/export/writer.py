@@ -1,0 +1,193 @@
+"""Write a calibrated low-bit CLIP student (plus its classifier head) as real integers.
+
+Every enabled weight quantizer's weight becomes integer codes (int8, or int4 packed two per
+byte) next to its per-channel scale; all-zero weight zero points are dropped; everything else in
+the state dict (LayerNorms, biases, embeddings, projections, activation-quantizer ranges) is kept
+as it is. The classifier head (class names, text features of the learned prompt, logit scale,
+the prompt context, the adapter) rides along, so :func:`load_lowbit` can classify on its own.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from p4q_lightning.export.format import ExportMismatchError, write_container
+from p4q_lightning.export.packing import pack_codes, packed_nbytes
+from p4q_lightning.quant import QuantMultiheadAttention, quant_modules, quant_spec_of
+from p4q_lightning.quant.qmath import symmetric_qmax, symmetric_scale
+
+log = logging.getLogger(__name__)
+
+STUDENT, ADAPTER, HEAD = "student.", "adapter.", "head."
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote: its path, its size and the float32 size it replaces."""
+
+    path: Path
+    file_bytes: int
+    float32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.float32_bytes / max(self.file_bytes, 1)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries an export depends on (stored in its metadata)."""
+    out = {"torch": torch.__version__}
+    for dist in ("open_clip_torch", "p4q_lightning", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def weight_key(name: str, module: nn.Module) -> str:
+    """State-dict key of a quantized module's weight (attention keeps ``in_proj_weight``)."""
+    leaf = "in_proj_weight" if isinstance(module, QuantMultiheadAttention) else "weight"
+    return f"{name}.{leaf}" if name else leaf
+
+
+def _grid_weight(name: str, module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight on the grid, per-channel scale): what the module multiplies with at inference."""
+    wq = module.weight_quantizer
+    w = weight.detach().float().cpu()
+    if wq.dynamic:  # trained weights (the adapter): quantize now, as the forward pass does
+        scale = symmetric_scale(w.reshape(w.shape[0], -1).abs().amax(dim=1), wq.bits)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        q = torch.round(w / scale.view(shape)).clamp(-symmetric_qmax(wq.bits), symmetric_qmax(wq.bits))
+        return q * scale.view(shape), scale
+    if not bool(module.weights_frozen):
+        raise ExportMismatchError(
+            f"{name}: weights are not quantized yet; calibrate the student "
+            "(p4q_lightning.calibrate) before exporting it"
+        )
+    return w, wq.scale.detach().float().cpu()
+
+
+def lowbit_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a quantized model's state into stored tensors and the info needed to rebuild it.
+
+    Returns ``(tensors, info)`` with ``info = {"quantized": {key: {bits, shape}}, "zeros":
+    {key: {shape, dtype}}}``; keys carry ``prefix``.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    quantized: dict[str, dict[str, Any]] = {}
+    zeros: dict[str, dict[str, Any]] = {}
+    for name, module in quant_modules(model):
+        wq = module.weight_quantizer
+        if not wq.enabled:
+            continue
+        key = weight_key(name, module)
+        grid, scale = _grid_weight(name, module, state[key])
+        shape = (-1,) + (1,) * (grid.dim() - 1)
+        codes = torch.round(grid / scale.view(shape)).clamp(-wq.qmax, wq.qmax).to(torch.int8)
+        err = (codes.float() * scale.view(shape) - grid).abs().max()
+        if float(err) > 1e-6 * float(grid.abs().max().clamp_min(1e-12)):
+            raise ExportMismatchError(
+                f"{name}: stored weight is not on its {wq.bits}-bit grid (max error {float(err):.3g}); "
+                "was the weight changed after calibration? Re-run p4q_lightning.calibrate"
+            )
+        state[key] = pack_codes(codes, wq.bits)
+        quantized[prefix + key] = {"bits": wq.bits, "shape": list(grid.shape)}
+        prefix_q = f"{name}.weight_quantizer." if name else "weight_quantizer."
+        state[prefix_q + "scale"] = scale.to(state[prefix_q + "scale"].dtype)
+        zp_key = prefix_q + "zero_point"
+        if zp_key in state and not bool(state[zp_key].any()):
+            zp = state.pop(zp_key)
+            zeros[prefix + zp_key] = {"shape": list(zp.shape), "dtype": str(zp.dtype).removeprefix("torch.")}
+    tensors = {prefix + k: v for k, v in state.items()}
+    return tensors, {"quantized": quantized, "zeros": zeros}
+
+
+def float32_nbytes(model: nn.Module) -> int:
+    """Bytes of the float32 open_clip state dict of the same architecture (its parameters)."""
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def estimate_lowbit_nbytes(model: nn.Module) -> int:
+    """Bytes of tensor data an export of ``model`` holds, without writing it (for tables)."""
+    total = 0
+    quantized = {}
+    for name, module in quant_modules(model):
+        if module.weight_quantizer.enabled:
+            quantized[weight_key(name, module)] = module.weight_quantizer.bits
+    for key, value in model.state_dict().items():
+        if key in quantized:
+            total += packed_nbytes(value.numel(), quantized[key])
+        elif not key.endswith("weight_quantizer.zero_point"):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def export_lowbit(
+    path: str | os.PathLike[str],
+    student: nn.Module,
+    *,
+    model_name: str,
+    pretrained: str | None = None,
+    classnames: list[str] | None = None,
+    text_features: torch.Tensor | None = None,
+    logit_scale: float | torch.Tensor | None = None,
+    prompt_ctx: torch.Tensor | None = None,
+    adapter: nn.Module | None = None,
+    adapter_config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> ExportReport:
+    """Export a calibrated student from :func:`p4q_lightning.quantize` as a low-bit file.
+
+    ``model_name``/``pretrained`` say how :func:`load_lowbit` rebuilds the architecture (the
+    weights come from the file). ``text_features`` ([classes, dim], normalized) with
+    ``classnames`` and ``logit_scale`` make the file a classifier; ``adapter`` (a module from
+    ``p4q_lightning``) with ``adapter_config = {"target": "module:Class", "init": {...}}`` is
+    rebuilt at load. ``extra`` is free-form JSON (method, shots, dataset...).
+    """
+    spec = quant_spec_of(student)
+    tensors, info = lowbit_state(student, STUDENT)
+    if text_features is not None:
+        if classnames is None or len(classnames) != text_features.shape[0]:
+            raise ExportMismatchError(
+                f"text_features has {text_features.shape[0]} rows but {0 if classnames is None else len(classnames)} "
+                "class names were given; pass one class name per text-feature row"
+            )
+        tensors[HEAD + "text_features"] = text_features.detach().float().cpu()
+        scale = logit_scale if logit_scale is not None else student.logit_scale.exp()
+        tensors[HEAD + "logit_scale"] = torch.as_tensor(scale).detach().float().cpu().reshape(())
+    if prompt_ctx is not None:
+        tensors[HEAD + "prompt_ctx"] = prompt_ctx.detach().float().cpu()
+    adapter_info = None
+    if adapter is not None:
+        if adapter_config is None or "target" not in adapter_config:
+            raise ExportMismatchError(
+                "an adapter needs adapter_config={'target': 'module:Class', 'init': {...}} "
+                "so that load_lowbit can rebuild it"
+            )
+        a_tensors, a_info = lowbit_state(adapter, ADAPTER)
+        tensors.update(a_tensors)
+        info["quantized"].update(a_info["quantized"])
+        info["zeros"].update(a_info["zeros"])
+        adapter_info = {"target": adapter_config["target"], "init": dict(adapter_config.get("init", {}))}
+    info.update(
+        model={"name": model_name, "pretrained": pretrained},
+        spec=spec.to_dict(),
+        classnames=list(classnames) if classnames is not None else None,
+        adapter=adapter_info,
+        versions=versions(),
+        extra=dict(extra or {}),
+    )
+    nbytes = write_container(path, tensors, info)
+    report = ExportReport(Path(path), nbytes, float32_nbytes(student))
+    log.info("exported %s: %.2f MB, %.2fx smaller than float32", path, nbytes / 1e6, report.ratio)
+    return report
