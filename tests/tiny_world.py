@@ -1,0 +1,126 @@
+"""A tiny open_clip config and a generated image-folder world for fast P4Q tests.
+
+Stand-in for the real FewShotDataModule / synthetic teacher: random-weight CLIP (embed 32,
+2 layers, 32x32 images, context 16) and a few coloured shapes per class on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+MODEL_NAME = "tiny-test-vit"
+CONFIG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLASSES = {
+    "red circle": ((220, 40, 40), "circle"),
+    "blue square": ((40, 60, 220), "square"),
+    "green triangle": ((40, 180, 60), "triangle"),
+    "yellow cross": ((230, 210, 30), "cross"),
+}
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def write_model_config(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{MODEL_NAME}.json"
+    path.write_text(json.dumps(CONFIG))
+    return path
+
+
+def _draw(color: tuple[int, int, int], shape: str, rng: random.Random) -> Image.Image:
+    bg = tuple(rng.randint(0, 90) for _ in range(3))
+    img = Image.new("RGB", (32, 32), bg)
+    d = ImageDraw.Draw(img)
+    s = rng.randint(9, 14)
+    x, y = rng.randint(1, 31 - s), rng.randint(1, 31 - s)
+    box = (x, y, x + s, y + s)
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    elif shape == "triangle":
+        d.polygon([(x, y + s), (x + s, y + s), (x + s // 2, y)], fill=color)
+    else:
+        d.rectangle((x + s // 3, y, x + 2 * s // 3, y + s), fill=color)
+        d.rectangle((x, y + s // 3, x + s, y + 2 * s // 3), fill=color)
+    return img
+
+
+def write_image_folder(
+    root: Path, train_per_class: int = 8, val_per_class: int = 4, seed: int = 0
+) -> Path:
+    rng = random.Random(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for name, (color, shape) in CLASSES.items():
+            folder = root / split / name.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _draw(color, shape, rng).save(folder / f"{i}.png")
+    return root
+
+
+class TinyDataModule(LightningDataModule):
+    """ImageFolder train/val splits with the attributes P4QModule reads from FewShotDataModule."""
+
+    def __init__(
+        self, root: str, batch_size: int = 8, num_workers: int = 0, calibration_images: int = 16
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root, self.batch_size, self.num_workers = Path(root), batch_size, num_workers
+        self.calibration_images = calibration_images
+        norm = transforms.Normalize(MEAN, STD)
+        self.train_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(32, scale=(0.6, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                norm,
+            ]
+        )
+        self.eval_tf = transforms.Compose([transforms.ToTensor(), norm])
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_dataset = datasets.ImageFolder(self.root / "train", self.train_tf)
+        self.val_dataset = datasets.ImageFolder(self.root / "val", self.eval_tf)
+        self.test_dataset = self.val_dataset
+        self.classnames = [c.replace("_", " ") for c in self.train_dataset.classes]
+        self.templates = ["a photo of a {}.", "a {}."]
+        self.num_classes = len(self.classnames)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset, self.batch_size, shuffle=True, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, self.batch_size, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def calibration_dataloader(self) -> DataLoader:
+        calib = datasets.ImageFolder(self.root / "train", self.eval_tf)
+        n = min(self.calibration_images, len(calib))
+        return DataLoader(
+            Subset(calib, list(range(0, len(calib), max(1, len(calib) // n)))[:n]), self.batch_size
+        )
+
+
+def random_images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
