@@ -9,11 +9,15 @@ swaps in real integer matrix multiplies for CPU inference.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +26,7 @@ from p4q_lightning.export.format import ExportMismatchError, LowBitFormatError, 
 from p4q_lightning.export.packing import unpack_codes
 from p4q_lightning.export.writer import ADAPTER, HEAD, STUDENT, weight_key
 from p4q_lightning.model.clip import load_clip
-from p4q_lightning.quant import QuantSpec, quant_modules, quantize
+from p4q_lightning.quant import GroupSpec, QuantSpec, quant_modules, quantize
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +180,24 @@ def _build_adapter(cfg: dict[str, Any], factory: Callable[[dict[str, Any]], nn.M
             "refusing to import it (pass adapter_factory= to load_lowbit to build it yourself)"
         )
     cls = getattr(importlib.import_module(module_name), attr)
-    return cls(**cfg.get("init", {}))
+    return cls(**{k: _decode(v) for k, v in cfg.get("init", {}).items()})
+
+
+def _decode(value: Any) -> Any:
+    """JSON init arguments back to objects (``{"__type__": "GroupSpec", ...}``)."""
+    if isinstance(value, dict) and value.get("__type__") == "GroupSpec":
+        return GroupSpec(**{k: v for k, v in value.items() if k != "__type__"})
+    return value
+
+
+def _ensure_registered(model_info: dict[str, Any]) -> None:
+    """Register the stored open_clip config when this process does not know the model name."""
+    name, config = model_info["name"], model_info.get("config")
+    if name.startswith("p4q-") or name in open_clip.list_models() or not config:
+        return
+    directory = Path(tempfile.mkdtemp(prefix="p4q-lowbit-config-"))
+    (directory / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(directory / f"{name}.json")
 
 
 def load_lowbit(
@@ -195,6 +216,7 @@ def load_lowbit(
     """
     tensors, info = read_container(path)
     model_info = info["model"]
+    _ensure_registered(model_info)
     clip, preprocess, tokenizer = load_clip(model_info["name"], None)
     student = quantize(clip, QuantSpec.from_dict(info["spec"]))
     del clip

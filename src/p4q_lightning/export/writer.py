@@ -132,12 +132,22 @@ def estimate_lowbit_nbytes(model: nn.Module) -> int:
     return total
 
 
+def _model_config(name: str, given: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if given is not None:
+        return dict(given)
+    import open_clip
+
+    config = open_clip.get_model_config(name)
+    return dict(config) if config is not None else None
+
+
 def export_lowbit(
     path: str | os.PathLike[str],
     student: nn.Module,
     *,
     model_name: str,
     pretrained: str | None = None,
+    model_config: Mapping[str, Any] | None = None,
     classnames: list[str] | None = None,
     text_features: torch.Tensor | None = None,
     logit_scale: float | torch.Tensor | None = None,
@@ -149,7 +159,8 @@ def export_lowbit(
     """Export a calibrated student from :func:`p4q_lightning.quantize` as a low-bit file.
 
     ``model_name``/``pretrained`` say how :func:`load_lowbit` rebuilds the architecture (the
-    weights come from the file). ``text_features`` ([classes, dim], normalized) with
+    weights come from the file); ``model_config`` (the open_clip config dict, default: looked
+    up by name) is stored too, so models registered from a JSON file load anywhere. ``text_features`` ([classes, dim], normalized) with
     ``classnames`` and ``logit_scale`` make the file a classifier; ``adapter`` (a module from
     ``p4q_lightning``) with ``adapter_config = {"target": "module:Class", "init": {...}}`` is
     rebuilt at load. ``extra`` is free-form JSON (method, shots, dataset...).
@@ -180,7 +191,7 @@ def export_lowbit(
         info["zeros"].update(a_info["zeros"])
         adapter_info = {"target": adapter_config["target"], "init": dict(adapter_config.get("init", {}))}
     info.update(
-        model={"name": model_name, "pretrained": pretrained},
+        model={"name": model_name, "pretrained": pretrained, "config": _model_config(model_name, model_config)},
         spec=spec.to_dict(),
         classnames=list(classnames) if classnames is not None else None,
         adapter=adapter_info,

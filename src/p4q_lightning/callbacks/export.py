@@ -1,0 +1,72 @@
+"""Write the low-bit model at the end of fit: ``LowBitExportCallback``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from p4q_lightning.export.from_module import export_module
+from p4q_lightning.export.writer import ExportReport
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """Where a run's artefacts go: the first logger's directory, else ``default_root_dir``."""
+    for candidate in (getattr(trainer, "log_dir", None), trainer.default_root_dir):
+        if candidate:
+            return Path(candidate)
+    return Path.cwd()
+
+
+class LowBitExportCallback(Callback):
+    """Exports the calibrated student, learned prompt and adapter as real integers after fit.
+
+    The file (safetensors + JSON metadata, written atomically) loads with
+    :func:`p4q_lightning.load_lowbit`. Only the quantized methods (``p4q``, ``ptq``) export;
+    other methods are skipped with a log line.
+
+    Args:
+        dirpath: output directory (default: the run directory, see :func:`run_dir`).
+        filename: file name inside ``dirpath``.
+        on: ``fit`` (end of training), ``test`` (end of testing) or ``both``.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "model-lowbit.safetensors",
+                 on: str = "fit") -> None:
+        if on not in ("fit", "test", "both"):
+            raise ValueError(f"on={on!r}: use 'fit', 'test' or 'both'")
+        self.dirpath, self.filename, self.on = dirpath, filename, on
+        self.report: ExportReport | None = None
+
+    def path(self, trainer: Trainer) -> Path:
+        return Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.on in ("fit", "both"):
+            self.export(trainer, pl_module)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.on in ("test", "both"):
+            self.export(trainer, pl_module)
+
+    @rank_zero_only
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> ExportReport | None:
+        if getattr(pl_module, "method", None) not in ("p4q", "ptq"):
+            log.info("LowBitExportCallback: method %r has no low-bit student; nothing exported",
+                     getattr(pl_module, "method", None))
+            return None
+        self.report = export_module(pl_module, self.path(trainer), trainer)
+        metrics: dict[str, Any] = {
+            "export/megabytes": self.report.file_bytes / 1e6,
+            "export/compression_vs_float32": self.report.ratio,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        log.info("low-bit model written to %s (%.2f MB, %.2fx smaller than float32)",
+                 self.report.path, self.report.file_bytes / 1e6, self.report.ratio)
+        return self.report

@@ -1,0 +1,74 @@
+"""LowBitExportCallback on a short P4Q fit: the file loads and reproduces the module's logits."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_world  # noqa: E402
+
+from p4q_lightning.callbacks.export import LowBitExportCallback  # noqa: E402
+from p4q_lightning.export import load_lowbit, read_container  # noqa: E402
+from p4q_lightning.module import P4QModule  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return {"config": tiny_world.write_model_config(root / "cfg"), "data": tiny_world.write_image_folder(root / "data")}
+
+
+# min-max activation ranges: fast calibration (OMSE's search is what makes calibration slow)
+MINMAX = {g: {"a_observer": "minmax"} for g in
+          ("patch_embed", "attn_qkv", "attn_out", "attn_internals", "mlp_fc", "mlp_proj", "adapter")}
+
+
+def make_module(world, **kw) -> P4QModule:
+    args = dict(model_name=tiny_world.MODEL_NAME, pretrained=None, model_config=str(world["config"]),
+                quant="w4a4", quant_overrides=MINMAX, n_ctx=4,
+                prompt_lr=0.05, adapter_lr=0.01, feature_views=1)
+    args.update(kw)
+    return P4QModule(**args)
+
+
+def _trainer(tmp_path, callbacks, epochs=1):
+    return Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                   default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0)
+
+
+def test_export_after_fit_loads_with_equal_logits(world, tmp_path) -> None:
+    module = make_module(world)
+    dm = tiny_world.TinyDataModule(str(world["data"]))
+    cb = LowBitExportCallback()
+    _trainer(tmp_path, [cb]).fit(module, datamodule=dm)
+    path = tmp_path / "model-lowbit.safetensors"
+    assert cb.report is not None and cb.report.path == path and path.stat().st_size > 0
+    loaded = load_lowbit(path)
+    images = torch.stack([dm.val_dataset[i][0] for i in range(len(dm.val_dataset))])
+    module.eval()
+    with torch.no_grad():
+        ref = module.student_logits(images)
+    out = loaded.logits(images)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+    assert loaded.classnames == module.classnames
+    assert torch.equal(loaded.prompt_ctx, module.prompt_learner.ctx.detach())
+    _, info = read_container(path)
+    assert info["extra"]["method"] == "p4q" and info["adapter"]["target"].endswith("LowBitAdapter")
+    assert info["model"]["config"]["vision_cfg"]["width"] == 64
+
+
+def test_float_methods_are_skipped(world, tmp_path) -> None:
+    module = make_module(world, method="coop", n_ctx=2)
+    cb = LowBitExportCallback(dirpath=str(tmp_path / "out"))
+    _trainer(tmp_path, [cb]).fit(module, datamodule=tiny_world.TinyDataModule(str(world["data"])))
+    assert cb.report is None and not (tmp_path / "out").exists()
+
+
+def test_bad_option() -> None:
+    with pytest.raises(ValueError, match="on="):
+        LowBitExportCallback(on="never")
