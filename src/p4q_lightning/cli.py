@@ -1,7 +1,85 @@
-"""Command-line entry (`lightning`, `p4q`, `python -m p4q_lightning`)."""
+"""Command-line entry: ``lightning``, ``p4q`` and ``python -m p4q_lightning``.
+
+``fit``/``validate``/``test``/``predict`` (and ``--print_config``) are LightningCLI over
+:class:`~p4q_lightning.module.P4QModule` and any LightningDataModule (``data.class_path``).
+``export``, ``compare`` and ``demo`` dispatch to ``p4q_lightning.commands.<name>.main(argv)``,
+which receives the arguments after the sub-command name.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
+import netrc
+import os
+import sys
+from collections.abc import Sequence
 
-def main() -> None:
-    raise SystemExit("p4q_lightning: the CLI is not built yet")
+log = logging.getLogger(__name__)
+
+SUBCOMMANDS = ("export", "compare", "demo")
+
+
+def wandb_offline_unless_configured() -> bool:
+    """Use W&B offline mode when no key or login is available, so runs never hang on it.
+
+    Returns True when offline mode was switched on here.
+    """
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+        if netrc.netrc().authenticators(host):
+            return False
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    os.environ["WANDB_MODE"] = "offline"
+    log.info("no W&B key or login found: W&B runs offline (set WANDB_API_KEY or `wandb login` to sync)")
+    return True
+
+
+def _dispatch(name: str, argv: list[str]) -> int | None:
+    module_name = f"p4q_lightning.commands.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name in (module_name, "p4q_lightning.commands"):
+            raise SystemExit(
+                f"p4q {name}: this command is not available yet in this version of p4q_lightning "
+                f"({module_name} is not installed)"
+            ) from None
+        raise
+    return module.main(argv)
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # type: ignore[no-untyped-def]
+    """Build the LightningCLI (``run=False`` parses and instantiates without running)."""
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from p4q_lightning.module import P4QModule
+
+    return LightningCLI(
+        P4QModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+        **kwargs,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return _dispatch(argv[0], argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    wandb_offline_unless_configured()
+    cli_main(argv)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Calibrate the PTQ student before the first step of any stage."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from p4q_lightning.quant import group_statistics
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationCallback(Callback):
+    """Calibrates ``P4QModule``'s student (and adapter input ranges) once, before the first
+    training, validation, test or predict step.
+
+    Images come from ``trainer.datamodule.calibration_dataloader()``; texts are every class
+    name in every template (as the official code calibrates), at most ``max_texts`` of them.
+    Skipped when the module is already calibrated (e.g. restored from a checkpoint). Logs the
+    per-group statistics (mean scale, clipping ratio) and the time taken to every logger.
+
+    Args:
+        max_texts: cap on the calibration texts (evenly subsampled); None uses all.
+        progress: show progress bars (rank zero only).
+    """
+
+    def __init__(self, max_texts: int | None = None, progress: bool = True) -> None:
+        self.max_texts = max_texts
+        self.progress = progress
+        self.stats: dict[str, dict[str, float]] = {}
+        self.seconds: float | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
+
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not getattr(pl_module, "needs_calibration", False):
+            return
+        images = self._calibration_images(trainer)
+        start = time.perf_counter()
+        stats = pl_module.calibrate(
+            images,
+            pl_module.calibration_texts(self.max_texts),
+            progress=self.progress and trainer.is_global_zero,
+        )
+        self.seconds = time.perf_counter() - start
+        self.stats = group_statistics(stats, pl_module.student) if stats else {}
+        self._log(trainer)
+
+    @staticmethod
+    def _calibration_images(trainer: Trainer) -> Any:
+        dm = trainer.datamodule
+        make = getattr(dm, "calibration_dataloader", None)
+        if make is None:
+            raise RuntimeError(
+                "the quantized student needs calibration images: use a datamodule with a "
+                "calibration_dataloader() (e.g. FewShotDataModule), or call "
+                "module.calibrate(images, texts) yourself before running the trainer"
+            )
+        return make()
+
+    def _log(self, trainer: Trainer) -> None:
+        metrics = {"calibration/seconds": float(self.seconds or 0.0)}
+        for group, values in self.stats.items():
+            for key, value in values.items():
+                metrics[f"calibration/{group}/{key}"] = float(value)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if trainer.is_global_zero:
+            worst = max(
+                self.stats.items(), key=lambda kv: kv[1].get("clip_ratio", 0.0), default=None
+            )
+            log.info(
+                "calibrated the student in %.1f s (%d groups%s)",
+                self.seconds or 0.0,
+                len(self.stats),
+                f"; highest clipping {worst[1]['clip_ratio']:.2%} in {worst[0]}" if worst else "",
+            )

@@ -1,0 +1,516 @@
+"""``P4QModule``: P4Q and its baselines (CoOp, PTQ, zero-shot) as one LightningModule.
+
+Thin glue: the float teacher and the quantized student are frozen open_clip models; the prompt
+learner and the low-bit adapter are the only trainable parameters. Text towers, losses, feature
+caching, checkpoint filtering and optimisers live in their own modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from p4q_lightning.losses import cosine_logits, p4q_loss
+from p4q_lightning.model.adapter import LowBitAdapter
+from p4q_lightning.model.build import build_teacher, image_feature_dim
+from p4q_lightning.model.prompt_learner import PromptLearner
+from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
+from p4q_lightning.quant import calibrate as calibrate_student
+from p4q_lightning.quant import get_spec, is_calibrated, quantize
+from p4q_lightning.training import checkpointing, optim
+from p4q_lightning.training.feature_source import TrainFeatureSource
+
+log = logging.getLogger(__name__)
+
+Method = Literal["p4q", "coop", "ptq", "zeroshot"]
+METHODS = ("p4q", "coop", "ptq", "zeroshot")
+TRAINED = ("p4q", "coop")
+QUANTIZED = ("p4q", "ptq")
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+class P4QModule(LightningModule):
+    """P4Q on an open_clip CLIP, or one of its baselines, selected by ``method``.
+
+    Args:
+        model_name: open_clip model name (``ViT-B-32-quickgelu`` for the OpenAI weights).
+        pretrained: open_clip tag (``openai``), checkpoint path, ``synthetic[:seed]`` or None
+            (random weights drawn with ``init_seed``, so a checkpoint can rebuild them).
+        model_config: optional path to an open_clip model-config JSON to register first.
+        init_seed: seed of the random weights when ``pretrained`` is None.
+        method: ``p4q`` (prompts + adapter + distillation on the PTQ student), ``coop``
+            (prompts on the float model), ``ptq`` (PTQ student, template classifier, no
+            training) or ``zeroshot`` (float model, template classifier, no training).
+        quant: quantization preset (``w8a8``, ``w4a4``, ``p4q-448``, ...) or QuantSpec dict.
+        quant_overrides: per-group changes, e.g. ``{"attn_internals": {"a_bits": 8}}``.
+        n_ctx, ctx_init, class_specific, class_token_position, ctx_init_std: the CoOp prompt.
+        adapter: train the low-bit adapter (``p4q`` only); ``adapter_reduction``,
+            ``adapter_ratio``, ``adapter_bias`` shape it; its bits are the spec's ``adapter`` group.
+        logit_scale: fixed logit scale (the official code uses 100); None uses the model's.
+        ce_weight, distill_weight: loss weights; ``distill_kind`` ``kd`` (standard, with
+            ``distill_temperature``) or ``official`` (the official code's expression).
+        teacher_text: the teacher's classifier: ``templates`` (mean template embedding) or
+            ``prompt`` (the learned prompt through the float text tower).
+        prompt_lr, prompt_momentum, prompt_weight_decay: SGD for the prompt context.
+        adapter_lr, adapter_weight_decay, adapter_eps: AdamW for the adapter.
+        warmup_epochs, warmup_lr: constant-lr warmup before the per-step cosine schedule.
+        feature_views: augmented views of the training set whose image features are cached
+            (0 = live augmentation: both image towers run on every step).
+        feature_cache_dir: directory to keep the feature cache between runs (None: memory only).
+        text_chunk_size: classes per text-tower chunk (None: all at once).
+        text_checkpointing: recompute text-tower chunks in the backward pass (saves memory).
+        classnames, templates: override the datamodule's class names and prompt templates.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32-quickgelu",
+        pretrained: str | None = "openai",
+        model_config: str | None = None,
+        init_seed: int = 0,
+        method: Method = "p4q",
+        quant: str | dict[str, Any] = "w8a8",
+        quant_overrides: dict[str, dict[str, Any]] | None = None,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        class_token_position: Literal["end", "middle", "front"] = "end",
+        ctx_init_std: float = 0.02,
+        adapter: bool = True,
+        adapter_reduction: int = 4,
+        adapter_ratio: float = 0.2,
+        adapter_bias: bool = True,
+        logit_scale: float | None = None,
+        ce_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        distill_kind: Literal["kd", "official"] = "kd",
+        distill_temperature: float = 1.0,
+        teacher_text: Literal["templates", "prompt"] = "templates",
+        prompt_lr: float = 2e-3,
+        prompt_momentum: float = 0.9,
+        prompt_weight_decay: float = 5e-4,
+        adapter_lr: float = 1e-3,
+        adapter_weight_decay: float = 1e-2,
+        adapter_eps: float = 1e-8,
+        warmup_epochs: float = 0.0,
+        warmup_lr: float = 1e-5,
+        feature_views: int = 10,
+        feature_cache_dir: str | None = None,
+        text_chunk_size: int | None = None,
+        text_checkpointing: bool = False,
+        classnames: list[str] | None = None,
+        templates: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if teacher_text not in ("templates", "prompt"):
+            raise ValueError(f"teacher_text={teacher_text!r}: use 'templates' or 'prompt'")
+        if feature_views < 0:
+            raise ValueError(
+                f"feature_views={feature_views}: use 0 (live augmentation) or a positive count"
+            )
+        self.save_hyperparameters()
+        self.method: str = method
+        self.quant_spec = (
+            get_spec(quant, quant_overrides) if method in QUANTIZED else get_spec("fp")
+        )
+        self.teacher, self.tokenizer = build_teacher(
+            model_name, pretrained, model_config, init_seed
+        )
+        self.student = (
+            quantize(self.teacher, self.quant_spec) if method in QUANTIZED else self.teacher
+        )
+        self.adapter = (
+            LowBitAdapter(
+                image_feature_dim(self.teacher),
+                adapter_reduction,
+                adapter_ratio,
+                adapter_bias,
+                self.quant_spec["adapter"],
+            )
+            if method == "p4q" and adapter
+            else None
+        )
+        self.prompt_learner: PromptLearner | None = None
+        self.classnames: list[str] = []
+        self.templates: list[str] = list(templates or DEFAULT_TEMPLATES)
+        self.register_buffer("_teacher_text", None, persistent=False)
+        self.register_buffer("_student_template_text", None, persistent=False)
+        self._eval_text: torch.Tensor | None = None
+        self._train_source: TrainFeatureSource | None = None
+        if classnames:
+            self.set_classes(classnames, templates)
+
+    # ------------------------------------------------------------------ classes
+    def set_classes(
+        self, classnames: Sequence[str], templates: Sequence[str] | None = None
+    ) -> None:
+        """Set the class list (and templates): builds or re-targets the prompts and metrics."""
+        classnames = [str(c) for c in classnames]
+        if templates:
+            self.templates = list(templates)
+        changed = classnames != self.classnames
+        self.classnames = classnames
+        if self.method in TRAINED:
+            if self.prompt_learner is None:
+                hp = self.hparams
+                self.prompt_learner = PromptLearner(
+                    classnames,
+                    self.tokenizer,
+                    TextTower(self.teacher).width,
+                    hp.n_ctx,
+                    hp.ctx_init,
+                    TextTower(self.teacher).token_embedding,
+                    hp.class_specific,
+                    hp.class_token_position,
+                    hp.ctx_init_std,
+                ).to(self.teacher.logit_scale.device)
+            elif changed:
+                self.prompt_learner.set_classnames(classnames)
+            if is_calibrated(self.student):
+                self.prompt_learner.set_token_embedding(TextTower(self.student).token_embedding)
+        if changed or not hasattr(self, "val_top1"):
+            self._teacher_text = None
+            self._student_template_text = None
+            self._build_metrics(len(classnames))
+
+    def _build_metrics(self, num_classes: int) -> None:
+        k5 = min(5, num_classes)
+        for stage in ("val", "test"):
+            setattr(
+                self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro")
+            )
+            setattr(
+                self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=k5, average="micro")
+            )
+
+    def _classes_from_datamodule(self) -> tuple[list[str] | None, list[str] | None]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "classnames", None)
+        templates = getattr(dm, "templates", None)
+        return (list(names) if names else None), (list(templates) if templates else None)
+
+    def setup(self, stage: str) -> None:
+        names, templates = self._classes_from_datamodule()
+        explicit = self.hparams.classnames
+        if explicit and names and len(explicit) != len(names):
+            raise ValueError(
+                f"model.classnames has {len(explicit)} classes but the datamodule has {len(names)}; "
+                "drop model.classnames or make them match the dataset"
+            )
+        chosen = explicit or names or self.classnames
+        if not chosen:
+            raise ValueError(
+                "P4QModule needs class names: use a datamodule with a `classnames` attribute "
+                "(e.g. FewShotDataModule) or pass model.classnames"
+            )
+        self.set_classes(chosen, self.hparams.templates or templates)
+        if stage == "fit":
+            if self.method not in TRAINED:
+                raise ValueError(
+                    f"method={self.method!r} has nothing to train: run `validate` or `test` "
+                    "(e.g. `lightning test --config ...`) instead of `fit`"
+                )
+            self._check_trainable()
+            # The frozen CLIPs are in eval mode on purpose; Lightning would warn about each fit.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+            if self.hparams.feature_views > 0:
+                self._train_source = TrainFeatureSource.install(self)
+
+    def _check_trainable(self) -> None:
+        allowed = ("prompt_learner.", "adapter.")
+        wrong = [
+            n for n, p in self.named_parameters() if p.requires_grad and not n.startswith(allowed)
+        ]
+        if wrong:
+            raise RuntimeError(
+                f"only prompt and adapter parameters may train, but these require grad: {wrong[:5]}"
+            )
+
+    # ------------------------------------------------------------------ calibration
+    @property
+    def needs_calibration(self) -> bool:
+        """True while the student or the adapter has quantizers without ranges."""
+        adapter_ready = self.adapter is None or self.adapter.is_calibrated
+        return not (is_calibrated(self.student) and adapter_ready)
+
+    def calibration_texts(
+        self, max_texts: int | None = None, batch_size: int = 256
+    ) -> list[torch.Tensor]:
+        """Token batches of every class name in every template (the official calibration texts)."""
+        texts = [t.format(c.replace("_", " ")) for c in self.classnames for t in self.templates]
+        if max_texts is not None and len(texts) > max_texts:
+            step = len(texts) / max_texts
+            texts = [texts[int(i * step)] for i in range(max_texts)]
+        return [self.tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        images: Iterable[Any] | torch.Tensor,
+        texts: Iterable[torch.Tensor] | torch.Tensor | None = None,
+        progress: bool = True,
+        adapter_batches: int = 8,
+    ) -> dict[str, dict[str, float]]:
+        """Calibrate the student (activation ranges, weights onto the grid), then initialise the
+        adapter's input ranges from the student's features of the same images."""
+        if (
+            isinstance(images, Iterable)
+            and not isinstance(images, torch.Tensor)
+            and iter(images) is images
+        ):
+            images = list(images)  # a one-shot iterator is needed twice
+        stats: dict[str, dict[str, float]] = {}
+        if not is_calibrated(self.student):
+            if texts is None:
+                texts = self.calibration_texts()
+            stats = calibrate_student(self.student, images=images, texts=texts, progress=progress)
+        if self.prompt_learner is not None:
+            self.prompt_learner.set_token_embedding(TextTower(self.student).token_embedding)
+        if self.adapter is not None and not self.adapter.is_calibrated:
+            self.adapter.calibrate(
+                self._student_features(x) for x in _take(images, adapter_batches)
+            )
+        self._invalidate_text()
+        return stats
+
+    # ------------------------------------------------------------------ features and logits
+    @property
+    def logit_scale(self) -> float:
+        """The cosine-logit scale: ``logit_scale`` if set, else the model's learned scale."""
+        if self.hparams.logit_scale is not None:
+            return float(self.hparams.logit_scale)
+        return float(self.teacher.logit_scale.detach().exp())
+
+    @torch.no_grad()
+    def _student_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.encode_image(images.to(self.device)).float()
+
+    @torch.no_grad()
+    def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher.encode_image(images.to(self.device)).float()
+
+    def _adapt(self, features: torch.Tensor) -> torch.Tensor:
+        return self.adapter(features) if self.adapter is not None else features
+
+    def student_text_features(self) -> torch.Tensor:
+        """The student's normalised class embeddings [n_cls, D]: the learned prompt through the
+        (quantized) text tower for p4q/coop, the template classifier for ptq/zeroshot."""
+        if self.method == "ptq":
+            if self._student_template_text is None:
+                self._student_template_text = self._templates(self.student)
+            return self._student_template_text
+        if self.method == "zeroshot":
+            return self.teacher_text_features()
+        assert self.prompt_learner is not None, "set_classes() first"
+        hp = self.hparams
+        features = encode_prompts(
+            self.student,
+            self.prompt_learner(),
+            self.prompt_learner.eot_index,
+            hp.text_chunk_size,
+            hp.text_checkpointing,
+        )
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def teacher_text_features(self) -> torch.Tensor:
+        """The float teacher's normalised class embeddings [n_cls, D] (templates, cached once;
+        or, with ``teacher_text: prompt``, the learned prompt through the float tower)."""
+        if self.hparams.teacher_text == "prompt" and self.prompt_learner is not None:
+            fixed = self.prompt_learner.embed_fixed(TextTower(self.teacher).token_embedding)
+            prompts = self.prompt_learner(fixed)
+            features = encode_prompts(
+                self.teacher, prompts, self.prompt_learner.eot_index, self.hparams.text_chunk_size
+            )
+            return F.normalize(features.float(), dim=-1)
+        if self._teacher_text is None:
+            self._teacher_text = self._templates(self.teacher)
+        return self._teacher_text
+
+    def _templates(self, model: nn.Module) -> torch.Tensor:
+        if not self.classnames:
+            raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
+        return template_text_features(
+            model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
+        )
+
+    def student_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
+        text = self._eval_text if self._eval_text is not None else self.student_text_features()
+        return cosine_logits(self._adapt(self._student_features(images)), text, self.logit_scale)
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Float teacher logits [B, n_cls] with its classifier (``teacher_text``)."""
+        return cosine_logits(
+            self._teacher_features(images), self.teacher_text_features(), self.logit_scale
+        )
+
+    def _invalidate_text(self) -> None:
+        self._eval_text = None
+        self._student_template_text = None
+
+    # ------------------------------------------------------------------ training
+    @property
+    def distills(self) -> bool:
+        return self.method == "p4q" and self.hparams.distill_weight > 0
+
+    def train(self, mode: bool = True) -> P4QModule:
+        """Frozen CLIPs stay in eval mode (no dropout, fused attention) while the rest trains."""
+        super().train(mode)
+        self.teacher.eval()
+        self.student.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        if self._train_source is not None:
+            self._train_source.set_epoch(self.current_epoch)
+
+    def _batch_features(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        if isinstance(batch, dict):  # cached features
+            teacher = batch.get("teacher")
+            return (
+                batch["student"].float(),
+                None if teacher is None else teacher.float(),
+                batch["label"],
+            )
+        images, labels = batch[0], batch[1]
+        teacher = self._teacher_features(images) if self.distills else None
+        return self._student_features(images), teacher, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        student_feats, teacher_feats, labels = self._batch_features(batch)
+        hp = self.hparams
+        logits = cosine_logits(
+            self._adapt(student_feats), self.student_text_features(), self.logit_scale
+        )
+        teacher_logits = None
+        if self.distills:
+            teacher_logits = cosine_logits(
+                teacher_feats, self.teacher_text_features(), self.logit_scale
+            )
+        parts = p4q_loss(
+            logits,
+            labels,
+            teacher_logits,
+            hp.ce_weight,
+            hp.distill_weight,
+            hp.distill_kind,
+            hp.distill_temperature,
+        )
+        batch_size = labels.shape[0]
+        # Per-step training logs stay rank-local (no collective per step); evaluation syncs.
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=batch_size)
+        self.log("train/ce", parts["ce"], batch_size=batch_size)
+        if "distill" in parts:
+            self.log("train/distill", parts["distill"], batch_size=batch_size)
+        acc = (logits.argmax(dim=-1) == labels).float().mean()
+        self.log("train/top1", acc, batch_size=batch_size)
+        return parts["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._invalidate_text()  # the prompt changed
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> Any:
+        return optim.configure(self)
+
+    def on_train_start(self) -> None:
+        optim.finalize_schedules(self)
+
+    # ------------------------------------------------------------------ evaluation
+    def _start_eval(self) -> None:
+        with torch.no_grad():
+            self._eval_text = self.student_text_features().detach()
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_predict_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_text = None
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_text = None
+
+    def on_predict_epoch_end(self) -> None:
+        self._eval_text = None
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        images, labels = batch[0], batch[1]
+        with torch.no_grad():
+            logits = self.student_logits(images)
+        top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+        n = labels.shape[0]
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), batch_size=n, sync_dist=True)
+        self.log(f"{stage}/top1", top1, batch_size=n, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/top5", top5, batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        with torch.no_grad():
+            logits = self.student_logits(images)
+        return {"logits": logits, "pred": logits.argmax(dim=-1)}
+
+    # ------------------------------------------------------------------ callbacks and checkpoints
+    def configure_callbacks(self) -> list[Any]:
+        from p4q_lightning.callbacks.calibration import CalibrationCallback
+
+        existing = self._trainer.callbacks if self._trainer is not None else []
+        if any(isinstance(cb, CalibrationCallback) for cb in existing):
+            return []
+        return [CalibrationCallback()]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Only what a run cannot rebuild: prompts, adapter, quantizer parameters."""
+        return checkpointing.filter_state_dict(
+            self, super().state_dict(*args, **kwargs), kwargs.get("prefix", "")
+        )
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return checkpointing.load_state_dict(
+            self, state_dict, strict, assign, super().load_state_dict
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpointing.save_metadata(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpointing.load_metadata(self, checkpoint)
+
+
+def _take(images: Iterable[Any] | torch.Tensor, n: int) -> Iterable[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        yield images
+        return
+    for i, batch in enumerate(images):
+        if i >= n:
+            return
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch

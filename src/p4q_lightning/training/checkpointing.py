@@ -1,0 +1,139 @@
+"""Slim checkpoints: drop the frozen CLIP weights, rebuild them from name + pretrained on load.
+
+A checkpoint keeps the prompt context, the adapter, the student's quantizer parameters (scales,
+zero points, ranges), the optimiser/scheduler state and the hyperparameters (model identity);
+a ViT-B/32 one is a few MB instead of two copies of the 600 MB float model. On load the
+student's weights are put back on their grid from the rebuilt float weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from p4q_lightning.model.build import weight_fingerprint
+from p4q_lightning.quant import (
+    ActivationQuantizer,
+    Log2Quantizer,
+    WeightQuantizer,
+    is_calibrated,
+    quant_modules,
+)
+
+if TYPE_CHECKING:
+    from p4q_lightning.module import P4QModule
+
+META_KEY = "p4q"
+QUANTIZER_TYPES = (ActivationQuantizer, WeightQuantizer, Log2Quantizer)
+FROZEN_PREFIXES = ("teacher.", "student.")
+
+
+def kept_student_keys(module: P4QModule) -> set[str]:
+    """State-dict keys of the student that a rebuild cannot recover: quantizer buffers."""
+    if module.student is module.teacher:
+        return set()
+    keys = set()
+    for name, sub in module.student.named_modules():
+        if isinstance(sub, QUANTIZER_TYPES):
+            keys.update(f"student.{name}.{b}" for b, _ in sub.named_buffers(recurse=False))
+    return keys
+
+
+def is_rebuildable(key: str, kept: set[str]) -> bool:
+    return key.startswith(FROZEN_PREFIXES) and key not in kept
+
+
+def filter_state_dict(module: P4QModule, state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    kept = kept_student_keys(module)
+    for key in [k for k in state if k.startswith(prefix)]:
+        if is_rebuildable(key[len(prefix) :], kept):
+            del state[key]
+    return state
+
+
+def load_state_dict(
+    module: P4QModule,
+    state: Mapping[str, Any],
+    strict: bool,
+    assign: bool,
+    load: Callable[..., Any],
+) -> _IncompatibleKeys:
+    """Load a slim (or full) state dict; rebuilt frozen weights count as present."""
+    if any(bool(getattr(m, "weights_frozen", False)) for _, m in quant_modules(module.student)):
+        # Weights already on another calibration's grid: start again from the float weights.
+        _rebuild_student(module)
+    result = load(state, strict=False, assign=assign)
+    kept = kept_student_keys(module)
+    missing = [k for k in result.missing_keys if not is_rebuildable(k, kept)]
+    unexpected = list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            "checkpoint does not match this P4QModule: "
+            + (f"missing {missing[:8]} " if missing else "")
+            + (f"unexpected {unexpected[:8]} " if unexpected else "")
+            + "(was it trained with another method, adapter or prompt setting?)"
+        )
+    after_load(module)
+    return _IncompatibleKeys(missing, unexpected)
+
+
+def _rebuild_student(module: P4QModule) -> None:
+    from p4q_lightning.quant import quantize
+
+    module.student = quantize(module.teacher, module.quant_spec)
+
+
+def after_load(module: P4QModule) -> None:
+    """Put a calibrated student's weights back on the grid; refresh derived caches."""
+    if module.student is not module.teacher and is_calibrated(module.student):
+        for _, qmod in quant_modules(module.student):
+            qmod.freeze_weights()
+    if module.prompt_learner is not None and is_calibrated(module.student):
+        from p4q_lightning.model.text_encoder import TextTower
+
+        module.prompt_learner.set_token_embedding(TextTower(module.student).token_embedding)
+    module._invalidate_text()
+
+
+def teacher_fingerprint(module: P4QModule) -> float:
+    cached = getattr(module, "_fingerprint", None)
+    if cached is None:
+        cached = weight_fingerprint(module.teacher)
+        module._fingerprint = cached
+    return cached
+
+
+def save_metadata(module: P4QModule, checkpoint: dict[str, Any]) -> None:
+    checkpoint[META_KEY] = {
+        "classnames": list(module.classnames),
+        "templates": list(module.templates),
+        "clip_fingerprint": teacher_fingerprint(module),
+        "calibrated": bool(is_calibrated(module.student)),
+    }
+
+
+def load_metadata(module: P4QModule, checkpoint: Mapping[str, Any]) -> None:
+    """Check the rebuilt CLIP is the one trained on, and restore the class list."""
+    meta = checkpoint.get(META_KEY)
+    if not meta:
+        return
+    saved = meta.get("clip_fingerprint")
+    if saved is not None:
+        now = teacher_fingerprint(module)
+        if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
+            hp = module.hparams
+            raise ValueError(
+                f"this checkpoint was trained on other CLIP weights than model_name={hp.model_name!r}, "
+                f"pretrained={hp.pretrained!r} (init_seed={hp.init_seed}) build now (fingerprint "
+                f"{saved:.6g} vs {now:.6g}); point `pretrained` at the original weights"
+            )
+    if meta.get("classnames") and not module.classnames:
+        module.set_classes(meta["classnames"], meta.get("templates"))
+
+
+def frozen_parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if not p.requires_grad)

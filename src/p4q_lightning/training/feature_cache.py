@@ -1,0 +1,161 @@
+"""Cached image features of the few-shot training set, for a fixed number of augmented views.
+
+The image towers are frozen and the adapter sits after them, so the student's (pre-adapter) and
+the teacher's image features of an augmented image never change during training. Computing them
+once for ``views`` augmentations of every image leaves a training step with the prompt text
+tower and the adapter only. Sample ``i`` in epoch ``e`` uses view ``(e + offset_i) % views``:
+every view of every image is used once per ``views`` epochs, so ``views >= max_epochs`` sees as
+many distinct augmentations as live augmentation does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FeatureCache:
+    """Features [views, N, D] per encoder name (``student``, ``teacher``) and labels [N]."""
+
+    features: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def views(self) -> int:
+        return int(next(iter(self.features.values())).shape[0])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": self.features, "labels": self.labels, "offsets": self.offsets}
+
+
+class CachedFeatureDataset(Dataset):
+    """A dataset over a :class:`FeatureCache`; set :attr:`epoch` before each epoch."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        view = int(self.epoch + self.cache.offsets[index]) % self.cache.views
+        item = {name: feats[view, index] for name, feats in self.cache.features.items()}
+        item["label"] = self.cache.labels[index]
+        return item
+
+
+@torch.no_grad()
+def build_feature_cache(
+    dataset: Dataset,
+    encoders: Mapping[str, Encoder],
+    views: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> FeatureCache:
+    """Encode ``views`` augmented passes over ``dataset`` (items ``(image, label, ...)``).
+
+    Each view's augmentation is seeded by ``seed + view`` (main process and loader workers),
+    so every DDP rank builds the same cache.
+    """
+    if views < 1:
+        raise ValueError(f"a feature cache needs views >= 1, got {views}")
+    per_view: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    labels: torch.Tensor | None = None
+    for view in range(views):
+        generator = torch.Generator().manual_seed(seed + view)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            generator=generator,
+        )
+        outs: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+        view_labels = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + view)
+            for batch in tqdm(
+                loader,
+                desc=f"caching features (view {view + 1}/{views})",
+                disable=not progress,
+                leave=False,
+            ):
+                images, y = batch[0], batch[1]
+                images = images.to(device, non_blocking=True)
+                for name, encode in encoders.items():
+                    outs[name].append(encode(images).float().cpu())
+                view_labels.append(torch.as_tensor(y).cpu())
+        for name in encoders:
+            per_view[name].append(torch.cat(outs[name]))
+        labels = torch.cat(view_labels) if labels is None else labels
+    offsets = torch.randint(0, views, (len(labels),), generator=torch.Generator().manual_seed(seed))
+    features = {name: torch.stack(chunks) for name, chunks in per_view.items()}
+    return FeatureCache(features=features, labels=labels.long(), offsets=offsets)
+
+
+def dataset_fingerprint(dataset: Dataset, extra: Mapping[str, Any] | None = None) -> str:
+    """A best-effort identity of a dataset and its augmentation, for the on-disk cache key."""
+    parts: dict[str, Any] = {"type": type(dataset).__qualname__, "len": len(dataset)}  # type: ignore[arg-type]
+    for attr in ("samples", "targets", "indices"):
+        value = getattr(dataset, attr, None)
+        if value is not None:
+            parts[attr] = hashlib.sha1(repr(list(value)).encode()).hexdigest()
+    transform = getattr(dataset, "transform", None)
+    if transform is not None:
+        parts["transform"] = repr(transform)
+    parts.update(extra or {})
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_or_build(
+    cache_dir: str | os.PathLike[str] | None,
+    key: str,
+    build: Callable[[], FeatureCache],
+) -> FeatureCache:
+    """Load ``features-<key>.pt`` from ``cache_dir`` or build it and write it atomically."""
+    if cache_dir is None:
+        return build()
+    path = Path(cache_dir).expanduser() / f"features-{key}.pt"
+    if path.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("loaded cached image features from %s", path)
+            return FeatureCache(**data)
+        except Exception as err:  # a corrupt or foreign file is rebuilt, not fatal
+            log.warning("ignoring unreadable feature cache %s (%s); rebuilding", path, err)
+    cache = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".features-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(cache.to_dict(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote image features to %s", path)
+    return cache

@@ -1,0 +1,234 @@
+"""P4QModule end to end on a tiny CLIP and a generated image folder."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import tiny_world
+from p4q_lightning.callbacks import CalibrationCallback
+from p4q_lightning.module import P4QModule
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    return {
+        "root": root,
+        "config": tiny_world.write_model_config(root / "cfg"),
+        "data": tiny_world.write_image_folder(root / "data"),
+    }
+
+
+def make_module(world, **kw) -> P4QModule:
+    args = dict(
+        model_name=tiny_world.MODEL_NAME,
+        pretrained=None,
+        model_config=str(world["config"]),
+        quant="w4a4",
+        n_ctx=4,
+        prompt_lr=0.05,
+        adapter_lr=0.01,
+        feature_views=2,
+    )
+    args.update(kw)
+    return P4QModule(**args)
+
+
+def make_dm(world, **kw) -> tiny_world.TinyDataModule:
+    dm = tiny_world.TinyDataModule(str(world["data"]), **kw)
+    dm.setup()
+    return dm
+
+
+def trainer(tmp_path, **kw) -> Trainer:
+    args = dict(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=False,
+    )
+    args.update(kw)
+    return Trainer(**args)
+
+
+class LossRecorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+def test_two_epoch_fit_trains_only_prompts_and_adapter(world, tmp_path):
+    seed_everything(0)
+    dm = make_dm(world)
+    module = make_module(world)
+    module.set_classes(dm.classnames, dm.templates)
+    module.calibrate(dm.calibration_dataloader(), progress=False)
+    before = {k: v.detach().clone() for k, v in module.named_parameters()}
+    fresh_teacher = make_module(world, method="zeroshot").teacher.state_dict()
+    recorder = LossRecorder()
+    trainer(tmp_path, max_epochs=2, callbacks=[recorder]).fit(module, dm)
+    assert len(recorder.losses) == 8
+    first, last = sum(recorder.losses[:4]) / 4, sum(recorder.losses[-4:]) / 4
+    assert last < first, recorder.losses
+    changed = {k for k, v in module.named_parameters() if not torch.equal(v, before[k])}
+    assert changed == {"prompt_learner.ctx", *(f"adapter.{n}" for n, _ in module.adapter.named_parameters())}
+    for k, v in module.teacher.state_dict().items():
+        assert torch.equal(v, fresh_teacher[k]), k
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert all(not p.requires_grad for p in module.student.parameters())
+
+
+def test_only_prompts_and_adapter_require_grad(world):
+    module = make_module(world, classnames=["a", "b"])
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt_learner.ctx", *(f"adapter.{n}" for n, _ in module.adapter.named_parameters())}
+    module.teacher.visual.proj.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="only prompt and adapter"):
+        module._check_trainable()
+
+
+@pytest.fixture(scope="module")
+def fitted(world, tmp_path_factory):
+    """A p4q module fitted for one epoch, and its checkpoint."""
+    seed_everything(0)
+    tmp = tmp_path_factory.mktemp("fit")
+    dm = make_dm(world)
+    module = make_module(world)
+    ckpt = ModelCheckpoint(dirpath=tmp, filename="last")
+    trainer(tmp, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(module, dm)
+    return module, Path(ckpt.best_model_path or ckpt.last_model_path or tmp / "last.ckpt"), dm
+
+
+def test_checkpoint_holds_no_frozen_clip_weights(fitted):
+    module, path, _ = fitted
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert "prompt_learner.ctx" in keys and any(k.startswith("adapter.") for k in keys)
+    assert not any(k.startswith("teacher.") for k in keys)
+    student = [k for k in keys if k.startswith("student.")]
+    assert student and all("quantizer." in k for k in student)
+    assert ckpt["hyper_parameters"]["model_name"] == tiny_world.MODEL_NAME
+    assert ckpt["p4q"]["classnames"] == module.classnames
+    assert len(ckpt["optimizer_states"]) == 1 and len(ckpt["lr_schedulers"]) == 1
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["name"] for g in groups] == ["prompt", "adapter"]
+    full = sum(v.numel() for v in module.teacher.state_dict().values())
+    saved = sum(v.numel() for v in ckpt["state_dict"].values())
+    assert saved < 0.1 * full
+
+
+def test_load_from_checkpoint_gives_identical_logits(fitted):
+    module, path, dm = fitted
+    images = next(iter(dm.val_dataloader()))[0]
+    module.eval()
+    want = module.student_logits(images)
+    restored = P4QModule.load_from_checkpoint(path).eval()
+    assert not restored.needs_calibration
+    assert torch.equal(restored.student_logits(images), want)
+    assert torch.equal(restored.teacher_logits(images), module.teacher_logits(images))
+
+
+def test_trainer_restores_into_a_fresh_module(world, fitted, tmp_path):
+    module, path, dm = fitted
+    images = next(iter(dm.val_dataloader()))[0]
+    want = module.eval().student_logits(images)
+    fresh = make_module(world)
+    results = trainer(tmp_path).validate(fresh, dm, ckpt_path=str(path), verbose=False)
+    assert "val/top1" in results[0] and "val/top5" in results[0]
+    assert torch.equal(fresh.eval().student_logits(images), want)
+    # resume training continues from the saved step and optimizer state
+    resumed = make_module(world)
+    t = trainer(tmp_path, max_epochs=2)
+    t.fit(resumed, dm, ckpt_path=str(path))
+    assert t.global_step == 8
+
+
+def test_checkpoint_of_other_weights_is_refused(world, fitted):
+    _, path, _ = fitted
+    with pytest.raises(ValueError, match="other CLIP weights"):
+        P4QModule.load_from_checkpoint(path, init_seed=1)
+
+
+@pytest.mark.parametrize("method", ["coop", "ptq", "zeroshot"])
+def test_baseline_methods_run_end_to_end(world, tmp_path, method):
+    seed_everything(0)
+    dm = make_dm(world)
+    module = make_module(world, method=method)
+    t = trainer(tmp_path, max_epochs=1)
+    if method == "coop":
+        t.fit(module, dm)
+        assert module.adapter is None and module.student is module.teacher
+    else:
+        with pytest.raises(ValueError, match="nothing to train"):
+            t.fit(module, dm)
+    result = trainer(tmp_path).test(module, dm, verbose=False)[0]
+    assert 0.0 <= result["test/top1"] <= result["test/top5"] <= 1.0
+    images = next(iter(dm.val_dataloader()))[0]
+    if method == "zeroshot":
+        assert torch.allclose(module.student_logits(images), module.teacher_logits(images))
+    if method == "ptq":
+        assert not module.needs_calibration
+        assert not torch.allclose(module.student_logits(images), module.teacher_logits(images))
+
+
+def test_calibration_callback_is_added_once_and_skips_a_calibrated_student(world, tmp_path):
+    dm = make_dm(world)
+    module = make_module(world, method="ptq")
+    own = CalibrationCallback(max_texts=3)
+    t = trainer(tmp_path, callbacks=[own])
+    t.test(module, dm, verbose=False)
+    assert [cb for cb in t.callbacks if isinstance(cb, CalibrationCallback)] == [own]
+    assert own.seconds is not None and own.stats
+    assert {"scale", "clip_ratio"} <= set(next(iter(own.stats.values())))
+    own.seconds = None
+    t.test(module, dm, verbose=False)
+    assert own.seconds is None  # already calibrated: skipped
+
+
+def test_cached_features_equal_live_features(world):
+    from p4q_lightning.training.feature_cache import CachedFeatureDataset, build_feature_cache
+
+    dm = make_dm(world)
+    dm.train_dataset.transform = dm.eval_tf  # deterministic views
+    module = make_module(world)
+    module.set_classes(dm.classnames, dm.templates)
+    module.calibrate(dm.calibration_dataloader(), progress=False)
+    encoders = {"student": module._student_features, "teacher": module._teacher_features}
+    cache = build_feature_cache(dm.train_dataset, encoders, views=3, batch_size=5, progress=False)
+    assert cache.features["student"].shape == (3, 32, 32)
+    images, labels = next(iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=32)))
+    torch.testing.assert_close(cache.features["student"][1], module._student_features(images))
+    torch.testing.assert_close(cache.features["teacher"][2], module._teacher_features(images))
+    assert torch.equal(cache.labels, labels)
+    ds = CachedFeatureDataset(cache)
+    seen = set()
+    for epoch in range(3):
+        ds.epoch = epoch
+        seen.add(int((epoch + cache.offsets[0]) % 3))
+        assert set(ds[0]) == {"student", "teacher", "label"}
+    assert seen == {0, 1, 2}  # every view once per `views` epochs
+
+
+def test_clear_errors(world):
+    with pytest.raises(ValueError, match="unknown method"):
+        make_module(world, method="qat")
+    module = make_module(world, classnames=["a", "b", "c"])
+    t = Trainer(accelerator="cpu", logger=False)
+    module._trainer = t
+    t.datamodule = make_dm(world)  # 4 classes
+    with pytest.raises(ValueError, match="3 classes but the datamodule has 4"):
+        module.setup("fit")
