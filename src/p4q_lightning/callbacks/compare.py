@@ -1,0 +1,293 @@
+"""FP / PTQ / P4Q on the same test split: one table, a bar chart and similarity matrices.
+
+``ComparisonCallback`` evaluates, after testing (or fitting), the float zero-shot teacher, the
+PTQ student with the template classifier and the trained student (P4Q or CoOp) on the test
+loader, then writes ``comparison/{comparison.csv, comparison.json, accuracy.png,
+similarity.png}`` in the run directory and, when a ``WandbLogger`` is attached, logs the same
+table, a bar chart and the figures to Weights & Biases. :func:`resolve_wandb_mode` switches
+W&B to offline mode when it has no key or no network, so a run never hangs on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import netrc
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from p4q_lightning.callbacks.export import run_dir
+from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
+from p4q_lightning.model.text_encoder import template_text_features
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["method", "bits", "w_bits", "a_bits", "shots", "top1", "top5", "size_mb", "n_test"]
+FP_METHOD, PTQ_METHOD = "fp32 zero-shot", "ptq"
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the W&B server? (DNS included, bounded by ``timeout``)."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((url.hostname or "api.wandb.ai", url.port or 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def resolve_wandb_mode() -> str:
+    """Return the W&B mode to use, setting ``WANDB_MODE=offline`` when online cannot work.
+
+    An explicit ``WANDB_MODE`` wins. Without an API key (env or netrc) or without a connection
+    to the server, runs log offline (``wandb sync`` uploads them later) instead of hanging or
+    prompting for a login. Call before the first W&B run starts (building the callback does).
+    """
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if not _has_wandb_key():
+        reason = "no W&B API key (WANDB_API_KEY or `wandb login`)"
+    elif not _reachable():
+        reason = "the W&B server is unreachable"
+    else:
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    log.warning("W&B logs offline: %s; upload later with `wandb sync`", reason)
+    return "offline"
+
+
+def _bits(spec: Any) -> tuple[str, int, int]:
+    """(label, weight bits, activation bits) of the dominant layers (the MLP linears)."""
+    if spec is None or spec.is_float:
+        return "fp32", 32, 32
+    g = spec["vision.mlp_fc"]
+    return spec.name, g.w_bits or 32, g.a_bits or 32
+
+
+def _data_info(trainer: Trainer) -> dict[str, Any]:
+    dm = trainer.datamodule
+    info: dict[str, Any] = {}
+    for key in ("shots", "seed", "dataset", "dataset_name"):
+        value = getattr(dm, key, None)
+        if value is None:
+            value = (getattr(dm, "hparams", None) or {}).get(key) if dm is not None else None
+        if isinstance(value, (str, int, float, bool)):
+            info[key] = value
+    return info
+
+
+class ComparisonCallback(Callback):
+    """Compare the float zero-shot teacher, the PTQ student and the trained student.
+
+    Args:
+        on: ``test`` (after ``trainer.test``) or ``fit`` (after training, on the test loader).
+        max_batches: evaluate at most this many test batches (None: the whole split).
+        n_similarity: test images (distinct classes when possible) in the similarity figure.
+        dirname: sub-directory of the run directory for the CSV/JSON/PNGs.
+        wandb_fallback: call :func:`resolve_wandb_mode` now (offline without key or network).
+    """
+
+    def __init__(self, on: str = "test", max_batches: int | None = None, n_similarity: int = 8,
+                 dirname: str = "comparison", wandb_fallback: bool = True) -> None:
+        if on not in ("test", "fit"):
+            raise ValueError(f"on={on!r}: use 'test' or 'fit'")
+        self.on, self.max_batches, self.n_similarity, self.dirname = on, max_batches, n_similarity, dirname
+        self.rows: list[dict[str, Any]] = []
+        self.files: dict[str, Path] = {}
+        if wandb_fallback:
+            resolve_wandb_mode()
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.on == "test":
+            self.compare(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.on == "fit":
+            self.compare(trainer, pl_module)
+
+    @rank_zero_only
+    def compare(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
+        loader = self._test_loader(trainer)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                rows, matrices, labels = self.evaluate(pl_module, loader, _data_info(trainer))
+        finally:
+            pl_module.train(was_training)
+        self.rows = rows
+        out = run_dir(trainer) / self.dirname
+        self.files = write_outputs(out, rows, matrices, labels, _run_info(pl_module, trainer))
+        self._log(trainer, rows)
+        return rows
+
+    @staticmethod
+    def _test_loader(trainer: Trainer) -> Any:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "test_dataloader"):
+            try:
+                return dm.test_dataloader()
+            except (AttributeError, RuntimeError):  # test split not set up (comparing after fit)
+                dm.setup("test")
+                return dm.test_dataloader()
+        loaders = trainer.test_dataloaders
+        if loaders is None:
+            raise RuntimeError("ComparisonCallback needs a test split: use a datamodule with test_dataloader()")
+        return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+    def evaluate(self, module: Any, loader: Any, data_info: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[str]]:
+        """Top-1/top-5 of every method on ``loader`` plus the similarity matrices."""
+        method = module.method
+        quantized = method in ("p4q", "ptq")
+        trained = method in ("p4q", "coop")
+        names, templates = module.classnames, module.templates
+        text = {FP_METHOD: template_text_features(module.teacher, module.tokenizer, names, templates)}
+        if quantized:
+            text[PTQ_METHOD] = template_text_features(module.student, module.tokenizer, names, templates)
+        if trained:
+            text[method] = module.student_text_features().detach().float()
+        device = module.device
+        correct = {m: [0, 0] for m in text}
+        total = 0
+        sel_feats: dict[str, list[torch.Tensor]] = {m: [] for m in text}
+        sel_labels: list[int] = []
+        k5 = min(5, len(names))
+        for i, batch in enumerate(loader):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            images, labels = batch[0].to(device), batch[1].to(device)
+            feats = {FP_METHOD: module.teacher.encode_image(images).float()}
+            student = module.student.encode_image(images).float() if quantized else feats[FP_METHOD]
+            if quantized:
+                feats[PTQ_METHOD] = student
+            if trained:
+                feats[method] = module.adapter(student) if module.adapter is not None else student
+            pick = self._pick(labels, sel_labels)
+            for m, f in feats.items():
+                f = F.normalize(f, dim=-1)
+                top = (f @ text[m].t()).topk(k5, dim=-1).indices
+                correct[m][0] += int((top[:, 0] == labels).sum())
+                correct[m][1] += int((top == labels[:, None]).any(dim=-1).sum())
+                if pick:
+                    sel_feats[m].append(f[pick].cpu())
+            sel_labels += [int(labels[j]) for j in pick]
+            total += int(labels.shape[0])
+        if total == 0:
+            raise RuntimeError("the test loader yielded no batches; nothing to compare")
+        sizes = _sizes(module)
+        rows = []
+        for m in text:
+            label, w_bits, a_bits = _bits(None if m == FP_METHOD or method == "coop" else module.quant_spec)
+            rows.append({
+                "method": m, "bits": label, "w_bits": w_bits, "a_bits": a_bits,
+                "shots": data_info.get("shots", 0) if m in ("p4q", "coop") else 0,
+                "top1": correct[m][0] / total, "top5": correct[m][1] / total,
+                "size_mb": sizes[m] / 1e6, "n_test": total,
+            })
+        matrices = {m: torch.cat(sel_feats[m]) @ text[m][sel_labels].cpu().t() for m in text if sel_feats[m]}
+        return rows, matrices, [names[j] for j in sel_labels]
+
+    def _pick(self, labels: torch.Tensor, chosen: list[int]) -> list[int]:
+        """Indices of this batch to add to the similarity figure: unseen classes first."""
+        room = self.n_similarity - len(chosen)
+        seen, pick = set(chosen), []
+        for j, y in enumerate(labels.tolist()):
+            if len(pick) >= room:
+                break
+            if y not in seen:
+                pick.append(j)
+                seen.add(y)
+        return pick
+
+    def _log(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        metrics = {f"comparison/{r['method']}/{k}": float(r[k]) for r in rows for k in ("top1", "top5")}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if type(logger).__name__ == "WandbLogger":
+                log_to_wandb(logger.experiment, rows, self.files)
+
+
+def _sizes(module: Any) -> dict[str, float]:
+    fp = float32_nbytes(module.teacher)
+    sizes = {FP_METHOD: fp, "coop": fp}
+    if module.method in ("p4q", "ptq"):
+        sizes[PTQ_METHOD] = estimate_lowbit_nbytes(module.student)
+        sizes["p4q"] = sizes[PTQ_METHOD] + (estimate_lowbit_nbytes(module.adapter) if module.adapter is not None else 0)
+    learner = getattr(module, "prompt_learner", None)
+    if learner is not None:
+        for m in ("p4q", "coop"):
+            if m in sizes:
+                sizes[m] += learner.ctx.numel() * 4
+    return sizes
+
+
+def _run_info(module: Any, trainer: Trainer) -> dict[str, Any]:
+    hp = module.hparams
+    return {"model": hp.get("model_name"), "pretrained": hp.get("pretrained"), "method": module.method,
+            "quant": module.quant_spec.name, "classes": len(module.classnames), **_data_info(trainer)}
+
+
+def write_outputs(directory: Path, rows: list[dict[str, Any]], matrices: dict[str, torch.Tensor],
+                  labels: list[str], run: dict[str, Any]) -> dict[str, Path]:
+    """The comparison as CSV, JSON and PNGs in ``directory``; returns their paths."""
+    from p4q_lightning.plots import accuracy_bars, similarity_matrices
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {"csv": directory / "comparison.csv", "json": directory / "comparison.json"}
+    with files["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {"run": run, "rows": rows, "similarity": {"labels": labels, **{m: v.tolist() for m, v in matrices.items()}}}
+    files["json"].write_text(json.dumps(payload, indent=2))
+    title = f"{run.get('model')} · {run.get('quant')}"
+    files["accuracy"] = accuracy_bars(rows, directory / "accuracy.png", title)
+    if matrices:
+        files["similarity"] = similarity_matrices({m: v.numpy() for m, v in matrices.items()}, labels,
+                                                  directory / "similarity.png", "image-text cosine similarity")
+    log.info("comparison written to %s", directory)
+    return files
+
+
+def log_to_wandb(run: Any, rows: list[dict[str, Any]], files: dict[str, Path]) -> None:
+    """The comparison table, a top-1 bar chart and the figures, in one W&B log call."""
+    import wandb
+
+    table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
+    payload: dict[str, Any] = {
+        "comparison/table": table,
+        "comparison/top1_bar": wandb.plot.bar(table, "method", "top1", title="top-1 by method"),
+    }
+    for key in ("accuracy", "similarity"):
+        if key in files:
+            payload[f"comparison/{key}"] = wandb.Image(str(files[key]))
+    run.log(payload)

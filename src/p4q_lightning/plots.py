@@ -1,0 +1,99 @@
+"""Figures for comparisons and sweeps (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Grouped bars of top-1 and top-5 per method (one bar group per row)."""
+    labels = [f"{r['method']}\n{r['bits']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 3.6))
+    for offset, key, color in ((-0.2, "top1", "#3b6ea8"), (0.2, "top5", "#a8c6e8")):
+        values = [100 * float(r[key]) for r in rows]
+        bars = ax.bar(x + offset, values, 0.4, label=key.replace("top", "top-"), color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "FP vs PTQ vs P4Q on the test split")
+    return _save(fig, path)
+
+
+def similarity_matrices(
+    matrices: Mapping[str, np.ndarray], labels: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Image-text cosine-similarity matrices side by side, one shared colour scale (P4Q Fig. 1).
+
+    Rows are test images, columns the text features of their classes, so a well-aligned model
+    shows a bright diagonal.
+    """
+    names = list(matrices)
+    lo = min(float(np.min(m)) for m in matrices.values())
+    hi = max(float(np.max(m)) for m in matrices.values())
+    n = len(labels)
+    fig, axes = plt.subplots(1, len(names), figsize=(0.5 + 3.2 * len(names), 3.4), squeeze=False)
+    image = None
+    for ax, name in zip(axes[0], names):
+        image = ax.imshow(matrices[name], vmin=lo, vmax=hi, cmap="viridis")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(n), [s[:12] for s in labels], rotation=90, fontsize=6)
+        ax.set_yticks(range(n), [s[:12] for s in labels], fontsize=6)
+        ax.set_xlabel("text (class)", fontsize=8)
+    axes[0][0].set_ylabel("image (label)", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def accuracy_vs_bits_and_shots(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Sweep figure: top-1 vs weight bits (one line per method and shots) and vs shots."""
+    fig, (ax_bits, ax_shots) = plt.subplots(1, 2, figsize=(10, 3.8))
+    series: dict[tuple[str, Any], list[tuple[float, float]]] = {}
+    by_bits: dict[tuple[str, Any], list[tuple[float, float]]] = {}
+    for r in rows:
+        bits, shots, top1 = r.get("w_bits"), r.get("shots"), 100 * float(r["top1"])
+        if bits is not None and not (isinstance(bits, float) and math.isnan(bits)):
+            series.setdefault((r["method"], shots), []).append((float(bits), top1))
+        if shots is not None and r["method"] not in ("fp32 zero-shot", "ptq"):
+            by_bits.setdefault((r["method"], bits), []).append((float(shots), top1))
+    for (method, shots), pts in sorted(series.items(), key=lambda kv: str(kv[0])):
+        pts.sort()
+        label = method if shots in (None, 0) else f"{method}, {shots}-shot"
+        ax_bits.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax_bits.set_xscale("log", base=2)
+    ax_bits.set_xticks([2, 4, 6, 8, 16, 32], ["2", "4", "6", "8", "16", "32"])
+    ax_bits.set_xlabel("weight bits")
+    ax_bits.set_ylabel("top-1 (%)")
+    ax_bits.set_title("accuracy vs bits")
+    for (method, bits), pts in sorted(by_bits.items(), key=lambda kv: str(kv[0])):
+        pts.sort()
+        ax_shots.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{method}, {bits}-bit")
+    ax_shots.set_xlabel("shots per class")
+    ax_shots.set_title("accuracy vs shots")
+    for ax in (ax_bits, ax_shots):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
