@@ -1,0 +1,49 @@
+"""``p4q export CKPT [--out FILE]``: write a P4Q/PTQ checkpoint as a low-bit safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def default_output(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.stem + "-lowbit.safetensors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="p4q export",
+        description="Export the calibrated low-bit student, learned prompt and adapter of a P4Q (or "
+        "PTQ) checkpoint as integer weights + JSON metadata (loads with p4q_lightning.load_lowbit).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="Lightning checkpoint (.ckpt) of a P4QModule")
+    parser.add_argument("--out", type=Path, default=None, help="output file (default: CKPT-lowbit.safetensors)")
+    parser.add_argument("--verify", action="store_true", help="reload the file and check it")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"checkpoint {args.checkpoint} does not exist")
+
+    from p4q_lightning.export import load_lowbit
+    from p4q_lightning.export.from_module import export_module
+    from p4q_lightning.module import P4QModule
+
+    module = P4QModule.load_from_checkpoint(str(args.checkpoint), map_location="cpu")
+    module.eval()
+    out = args.out or default_output(args.checkpoint)
+    report = export_module(module, out)
+    sys.stdout.write(
+        f"wrote {report.path} ({report.file_bytes / 1e6:.2f} MB; float32 state dict "
+        f"{report.float32_bytes / 1e6:.2f} MB, {report.ratio:.2f}x smaller)\n"
+    )
+    if args.verify:
+        loaded = load_lowbit(report.path)
+        sys.stdout.write(f"verified: {len(loaded.classnames)} classes, spec {loaded.spec.name}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
