@@ -101,6 +101,20 @@ class Int8Linear(nn.Module):
         else:
             raise ValueError(f"unknown int8 backend {self.backend!r}: use 'fbgemm' or 'int_mm'")
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (on-grid) float weight, rebuilt on access.
+
+        open_clip reads ``mlp.c_fc.weight.dtype`` to pick the text tower's compute dtype; the
+        integer codes and scales are all this layer stores.
+        """
+        if self.backend == "fbgemm":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qw, _ = torch.ops.quantized.linear_unpack(self._packed)
+                return qw.dequantize()
+        return self.codes_t.t().float() * (self.out_scale / self.x_scale)[:, None]
+
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear, backend: str | None = None) -> Int8Linear:
         return cls(_grid(layer.weight, layer.weight_quantizer), layer.weight_quantizer.scale, layer.bias,

@@ -128,7 +128,7 @@ def _restore(
         state[key] = t
     for full, z in info.get("zeros", {}).items():
         if full.startswith(prefix):
-            state[full[len(prefix):]] = torch.zeros(z["shape"], dtype=getattr(torch, z["dtype"]))
+            state[full[len(prefix):]] = torch.full(z["shape"], z.get("value", 0), dtype=getattr(torch, z["dtype"]))
     _check_bits(target, info, prefix, what)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -81,7 +81,7 @@ def lowbit_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
     """Split a quantized model's state into stored tensors and the info needed to rebuild it.
 
     Returns ``(tensors, info)`` with ``info = {"quantized": {key: {bits, shape}}, "zeros":
-    {key: {shape, dtype}}}``; keys carry ``prefix``.
+    {key: {shape, dtype, value}}}`` (constant buffers left out of the file); keys carry ``prefix``.
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     quantized: dict[str, dict[str, Any]] = {}
@@ -104,10 +104,17 @@ def lowbit_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
         quantized[prefix + key] = {"bits": wq.bits, "shape": list(grid.shape)}
         prefix_q = f"{name}.weight_quantizer." if name else "weight_quantizer."
         state[prefix_q + "scale"] = scale.to(state[prefix_q + "scale"].dtype)
-        zp_key = prefix_q + "zero_point"
-        if zp_key in state and not bool(state[zp_key].any()):
-            zp = state.pop(zp_key)
-            zeros[prefix + zp_key] = {"shape": list(zp.shape), "dtype": str(zp.dtype).removeprefix("torch.")}
+    # constant buffers (zero points of symmetric quantizers; the unused scale of a disabled
+    # one, e.g. the float token table's 49408 rows) are recorded, not stored
+    for name, module in quant_modules(model):
+        prefix_q = f"{name}.weight_quantizer." if name else "weight_quantizer."
+        candidates = [("zero_point", 0)] + ([] if module.weight_quantizer.enabled else [("scale", 1)])
+        for leaf, value in candidates:
+            key = prefix_q + leaf
+            if key in state and bool((state[key] == value).all()):
+                t = state.pop(key)
+                zeros[prefix + key] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                                       "value": value}
     tensors = {prefix + k: v for k, v in state.items()}
     return tensors, {"quantized": quantized, "zeros": zeros}
 
@@ -124,10 +131,11 @@ def estimate_lowbit_nbytes(model: nn.Module) -> int:
     for name, module in quant_modules(model):
         if module.weight_quantizer.enabled:
             quantized[weight_key(name, module)] = module.weight_quantizer.bits
+    disabled = {f"{name}.weight_quantizer.scale" for name, m in quant_modules(model) if not m.weight_quantizer.enabled}
     for key, value in model.state_dict().items():
         if key in quantized:
             total += packed_nbytes(value.numel(), quantized[key])
-        elif not key.endswith("weight_quantizer.zero_point"):
+        elif not key.endswith("weight_quantizer.zero_point") and key not in disabled:
             total += value.numel() * value.element_size()
     return total
 
