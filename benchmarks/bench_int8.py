@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = get_spec(args.preset, {grp: {"a_observer": args.observer} for grp in ALL_GROUPS})
     student = quantize(model, spec)
     prompts = [f"a photo of a class {i}." for i in range(args.classes)]
-    calibrate(student, smooth_images(64, size, g).split(16), tokenizer(prompts).split(50), progress=False)
+    calibrate(
+        student, smooth_images(64, size, g).split(16), tokenizer(prompts).split(50), progress=False
+    )
     int8 = convert_to_int8(copy.deepcopy(student))
 
     with torch.inference_mode():
@@ -70,11 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for chunk in images.split(args.batch):
             fq, i8 = student.encode_image(chunk), int8.encode_image(chunk)
-            agree += int((F.normalize(fq, dim=-1) @ text.t()).argmax(1).eq((F.normalize(i8, dim=-1) @ text.t()).argmax(1)).sum())
+            agree += int(
+                (F.normalize(fq, dim=-1) @ text.t())
+                .argmax(1)
+                .eq((F.normalize(i8, dim=-1) @ text.t()).argmax(1))
+                .sum()
+            )
             cos.append(F.cosine_similarity(fq, i8, dim=-1).min())
             rel.append((fq - i8).norm() / fq.norm())
     x = images[: args.batch]
-    runs = {"float32": model.encode_image, "fake-quant": student.encode_image, "int8": int8.encode_image}
+    runs = {
+        "float32": model.encode_image,
+        "fake-quant": student.encode_image,
+        "int8": int8.encode_image,
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():
         timed(fn, x)  # warm-up
@@ -83,15 +94,22 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(timed(fn, x))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = sys.stdout
-    out.write(f"\n{args.model} ({args.pretrained or 'random weights'}), preset {args.preset}, image encoder, "
-              f"batch {args.batch}, {args.threads} threads, int8 backend {int8_backend()}\n\n")
+    out.write(
+        f"\n{args.model} ({args.pretrained or 'random weights'}), preset {args.preset}, "
+        "image encoder, "
+        f"batch {args.batch}, {args.threads} threads, int8 backend {int8_backend()}\n\n"
+    )
     out.write("| path | ms / batch | images / s | speedup vs float32 |\n|---|---:|---:|---:|\n")
     for name in runs:
-        out.write(f"| {name} | {med[name] * 1e3:.1f} | {args.batch / med[name]:.1f} | "
-                  f"{med['float32'] / med[name]:.2f}x |\n")
-    out.write(f"\ntop-1 agreement int8 vs fake-quant over {args.classes} classes: "
-              f"{agree / len(images):.2%} ({agree}/{len(images)} images); min feature cosine "
-              f"{float(min(cos)):.6f}; relative feature error {float(max(rel)):.2e}\n")
+        out.write(
+            f"| {name} | {med[name] * 1e3:.1f} | {args.batch / med[name]:.1f} | "
+            f"{med['float32'] / med[name]:.2f}x |\n"
+        )
+    out.write(
+        f"\ntop-1 agreement int8 vs fake-quant over {args.classes} classes: "
+        f"{agree / len(images):.2%} ({agree}/{len(images)} images); min feature cosine "
+        f"{float(min(cos)):.6f}; relative feature error {float(max(rel)):.2e}\n"
+    )
     return 0
 
 

@@ -31,8 +31,13 @@ def float_state_dict_bytes(model: torch.nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
-def measure(model_name: str, preset: str, directory: Path, float_model: torch.nn.Module | None = None,
-            tokenizer=None) -> dict[str, float]:
+def measure(
+    model_name: str,
+    preset: str,
+    directory: Path,
+    float_model: torch.nn.Module | None = None,
+    tokenizer=None,
+) -> dict[str, float]:
     """Export ``model_name`` quantized with ``preset``; return file size and ratios."""
     if float_model is None:
         float_model, _, tokenizer = load_clip(model_name, None)
@@ -40,8 +45,15 @@ def measure(model_name: str, preset: str, directory: Path, float_model: torch.nn
     student = quantize(float_model, spec)
     size = float_model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    calibrate(student, torch.randn(2, 3, size, size), tokenizer(["a photo of a cat.", "a dog."]), progress=False)
-    report = export_lowbit(directory / f"{model_name}-{preset}.safetensors", student, model_name=model_name)
+    calibrate(
+        student,
+        torch.randn(2, 3, size, size),
+        tokenizer(["a photo of a cat.", "a dog."]),
+        progress=False,
+    )
+    report = export_lowbit(
+        directory / f"{model_name}-{preset}.safetensors", student, model_name=model_name
+    )
     fp_tensors = float_model.state_dict()
     fp_bytes = len(st_save({k: v.contiguous() for k, v in fp_tensors.items()}))
     return {
@@ -69,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write(f"\n{args.model}: low-bit export vs float32 state dict (safetensors)\n\n")
     out.write("| preset | export MB | float32 MB | ratio |\n|---|---:|---:|---:|\n")
     for preset, r, _ in rows:
-        out.write(f"| {preset} | {r['file_bytes'] / 1e6:.2f} | {r['float32_safetensors_bytes'] / 1e6:.2f} | "
-                  f"{r['ratio']:.3f}x |\n")
+        out.write(
+            f"| {preset} | {r['file_bytes'] / 1e6:.2f} | "
+            f"{r['float32_safetensors_bytes'] / 1e6:.2f} | "
+            f"{r['ratio']:.3f}x |\n"
+        )
     return 0
 
 

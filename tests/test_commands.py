@@ -11,13 +11,22 @@ from lightning.pytorch import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_world  # noqa: E402
-
 from p4q_lightning.cli import main as cli_main  # noqa: E402
 from p4q_lightning.export import load_lowbit  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402
 
-MINMAX = {g: {"a_observer": "minmax"} for g in
-          ("patch_embed", "attn_qkv", "attn_out", "attn_internals", "mlp_fc", "mlp_proj", "adapter")}
+MINMAX = {
+    g: {"a_observer": "minmax"}
+    for g in (
+        "patch_embed",
+        "attn_qkv",
+        "attn_out",
+        "attn_internals",
+        "mlp_fc",
+        "mlp_proj",
+        "adapter",
+    )
+}
 
 
 def _fake_run(root: Path, name: str, bits: int, shots: int, seed: int, top1: float) -> Path:
@@ -25,31 +34,73 @@ def _fake_run(root: Path, name: str, bits: int, shots: int, seed: int, top1: flo
     run.mkdir(parents=True)
     label = f"w{bits}a{bits}"
     rows = [
-        {"method": "fp32 zero-shot", "bits": "fp32", "w_bits": 32, "a_bits": 32, "shots": 0, "top1": 0.6,
-         "top5": 0.9, "size_mb": 600.0, "n_test": 100},
-        {"method": "ptq", "bits": label, "w_bits": bits, "a_bits": bits, "shots": 0, "top1": 0.3 + bits / 100,
-         "top5": 0.7, "size_mb": 600.0 / (32 / bits), "n_test": 100},
-        {"method": "p4q", "bits": label, "w_bits": bits, "a_bits": bits, "shots": shots, "top1": top1,
-         "top5": 0.95, "size_mb": 600.0 / (32 / bits), "n_test": 100},
+        {
+            "method": "fp32 zero-shot",
+            "bits": "fp32",
+            "w_bits": 32,
+            "a_bits": 32,
+            "shots": 0,
+            "top1": 0.6,
+            "top5": 0.9,
+            "size_mb": 600.0,
+            "n_test": 100,
+        },
+        {
+            "method": "ptq",
+            "bits": label,
+            "w_bits": bits,
+            "a_bits": bits,
+            "shots": 0,
+            "top1": 0.3 + bits / 100,
+            "top5": 0.7,
+            "size_mb": 600.0 / (32 / bits),
+            "n_test": 100,
+        },
+        {
+            "method": "p4q",
+            "bits": label,
+            "w_bits": bits,
+            "a_bits": bits,
+            "shots": shots,
+            "top1": top1,
+            "top5": 0.95,
+            "size_mb": 600.0 / (32 / bits),
+            "n_test": 100,
+        },
     ]
-    (run / "comparison.json").write_text(json.dumps({"run": {"model": "ViT-B-32", "seed": seed}, "rows": rows}))
+    (run / "comparison.json").write_text(
+        json.dumps({"run": {"model": "ViT-B-32", "seed": seed}, "rows": rows})
+    )
     return root / name
 
 
 def test_compare_gathers_runs_into_one_table_and_plot(tmp_path, capsys) -> None:
     runs = [
-        _fake_run(tmp_path / "sweep", f"b{b}-s{s}-seed{seed}", b, s, seed, 0.5 + b / 100 + s / 100 + seed / 1000)
-        for b in (4, 8) for s in (1, 16) for seed in (1, 2)
+        _fake_run(
+            tmp_path / "sweep",
+            f"b{b}-s{s}-seed{seed}",
+            b,
+            s,
+            seed,
+            0.5 + b / 100 + s / 100 + seed / 1000,
+        )
+        for b in (4, 8)
+        for s in (1, 16)
+        for seed in (1, 2)
     ]
     out = tmp_path / "out"
-    assert cli_main(["compare", *map(str, runs[:4]), str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    assert (
+        cli_main(["compare", *map(str, runs[:4]), str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "| model | method | bits | shots | runs |" in text
     with (out / "summary.csv").open() as f:
         summary = list(csv.DictReader(f))
     p4q = [r for r in summary if r["method"] == "p4q"]
     assert len(p4q) == 4  # 2 bit widths x 2 shot counts, seeds averaged
-    assert {int(r["runs"]) for r in p4q} == {2}  # runs named twice (directly and via the sweep) count once
+    assert {int(r["runs"]) for r in p4q} == {
+        2
+    }  # runs named twice (directly and via the sweep) count once
     row = next(r for r in p4q if r["bits"] == "w8a8" and r["shots"] == "16")
     assert abs(float(row["top1"]) - (0.5 + 0.08 + 0.16 + 0.0015)) < 1e-9
     with (out / "sweep.csv").open() as f:
@@ -68,12 +119,28 @@ def test_compare_errors(tmp_path) -> None:
 def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
     config = tiny_world.write_model_config(tmp_path / "cfg")
     data = tiny_world.write_image_folder(tmp_path / "data")
-    module = P4QModule(model_name=tiny_world.MODEL_NAME, pretrained=None, model_config=str(config),
-                       quant="w8a8", quant_overrides=MINMAX, n_ctx=4, feature_views=1)
+    module = P4QModule(
+        model_name=tiny_world.MODEL_NAME,
+        pretrained=None,
+        model_config=str(config),
+        quant="w8a8",
+        quant_overrides=MINMAX,
+        n_ctx=4,
+        feature_views=1,
+    )
     dm = tiny_world.TinyDataModule(str(data))
-    trainer = Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=2)
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        limit_train_batches=2,
+    )
     trainer.fit(module, datamodule=dm)
     ckpt = tmp_path / "p4q.ckpt"
     trainer.save_checkpoint(ckpt)

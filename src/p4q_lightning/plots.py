@@ -53,7 +53,7 @@ def similarity_matrices(
     n = len(labels)
     fig, axes = plt.subplots(1, len(names), figsize=(0.5 + 3.2 * len(names), 3.4), squeeze=False)
     image = None
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=False):
         image = ax.imshow(matrices[name], vmin=lo, vmax=hi, cmap="viridis")
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(n), [s[:12] for s in labels], rotation=90, fontsize=6)

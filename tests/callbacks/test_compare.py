@@ -11,13 +11,22 @@ from lightning.pytorch.loggers import WandbLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_world  # noqa: E402
-
 from p4q_lightning.callbacks import compare  # noqa: E402
 from p4q_lightning.callbacks.compare import ComparisonCallback, resolve_wandb_mode  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402
 
-MINMAX = {g: {"a_observer": "minmax"} for g in
-          ("patch_embed", "attn_qkv", "attn_out", "attn_internals", "mlp_fc", "mlp_proj", "adapter")}
+MINMAX = {
+    g: {"a_observer": "minmax"}
+    for g in (
+        "patch_embed",
+        "attn_qkv",
+        "attn_out",
+        "attn_internals",
+        "mlp_fc",
+        "mlp_proj",
+        "adapter",
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +34,34 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     config = tiny_world.write_model_config(root / "cfg")
     data = tiny_world.write_image_folder(root / "data")
-    module = P4QModule(model_name=tiny_world.MODEL_NAME, pretrained=None, model_config=str(config),
-                       quant="w4a4", quant_overrides=MINMAX, n_ctx=4, feature_views=1)
+    module = P4QModule(
+        model_name=tiny_world.MODEL_NAME,
+        pretrained=None,
+        model_config=str(config),
+        quant="w4a4",
+        quant_overrides=MINMAX,
+        n_ctx=4,
+        feature_views=1,
+    )
     dm = tiny_world.TinyDataModule(str(data), batch_size=4)
     _trainer(root, [], False).fit(module, datamodule=dm)
     return module, dm
 
 
 def _trainer(root, callbacks, logger):
-    return Trainer(max_epochs=1, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                   default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=2)
+    return Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        limit_train_batches=2,
+    )
 
 
 def _check_outputs(directory: Path, n_test: int, n_classes_seen: int = 4) -> list[dict]:

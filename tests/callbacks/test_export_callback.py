@@ -9,7 +9,6 @@ from lightning.pytorch import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_world  # noqa: E402
-
 from p4q_lightning.callbacks.export import LowBitExportCallback  # noqa: E402
 from p4q_lightning.export import load_lowbit, read_container  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402
@@ -18,26 +17,56 @@ from p4q_lightning.module import P4QModule  # noqa: E402
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    return {"config": tiny_world.write_model_config(root / "cfg"), "data": tiny_world.write_image_folder(root / "data")}
+    return {
+        "config": tiny_world.write_model_config(root / "cfg"),
+        "data": tiny_world.write_image_folder(root / "data"),
+    }
 
 
 # min-max activation ranges: fast calibration (OMSE's search is what makes calibration slow)
-MINMAX = {g: {"a_observer": "minmax"} for g in
-          ("patch_embed", "attn_qkv", "attn_out", "attn_internals", "mlp_fc", "mlp_proj", "adapter")}
+MINMAX = {
+    g: {"a_observer": "minmax"}
+    for g in (
+        "patch_embed",
+        "attn_qkv",
+        "attn_out",
+        "attn_internals",
+        "mlp_fc",
+        "mlp_proj",
+        "adapter",
+    )
+}
 
 
 def make_module(world, **kw) -> P4QModule:
-    args = dict(model_name=tiny_world.MODEL_NAME, pretrained=None, model_config=str(world["config"]),
-                quant="w4a4", quant_overrides=MINMAX, n_ctx=4,
-                prompt_lr=0.05, adapter_lr=0.01, feature_views=1)
+    args = dict(
+        model_name=tiny_world.MODEL_NAME,
+        pretrained=None,
+        model_config=str(world["config"]),
+        quant="w4a4",
+        quant_overrides=MINMAX,
+        n_ctx=4,
+        prompt_lr=0.05,
+        adapter_lr=0.01,
+        feature_views=1,
+    )
     args.update(kw)
     return P4QModule(**args)
 
 
 def _trainer(tmp_path, callbacks, epochs=1):
-    return Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                   default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0)
+    return Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
 
 
 def test_export_after_fit_loads_with_equal_logits(world, tmp_path) -> None:

@@ -42,8 +42,12 @@ def make_student(tiny_float, preset: str):
     # min-max ranges: the export does not care how ranges were chosen, and OMSE is slow
     student = quantize(model, get_spec(preset, {g: {"a_observer": "minmax"} for g in ALL_GROUPS}))
     g = torch.Generator().manual_seed(1)
-    calibrate(student, torch.randn(16, 3, 32, 32, generator=g), tokenizer(["a photo of a cat.", "a dog", "bird"]),
-              progress=False)
+    calibrate(
+        student,
+        torch.randn(16, 3, 32, 32, generator=g),
+        tokenizer(["a photo of a cat.", "a dog", "bird"]),
+        progress=False,
+    )
     with torch.no_grad():
         text = F.normalize(student.encode_text(tokenizer(CLASSNAMES)), dim=-1)
     return student, text

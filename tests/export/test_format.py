@@ -115,8 +115,12 @@ def test_not_an_export(tmp_path) -> None:
 
 def test_spec_model_mismatch_is_reported(w8, exported: Path, tiny_name) -> None:
     tensors, info = read_container(exported)
-    info["spec"]["groups"]["text.token_embedding"]["w_bits"] = None  # spec no longer fits the weights
-    write_container(exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")})
+    info["spec"]["groups"]["text.token_embedding"]["w_bits"] = (
+        None  # spec no longer fits the weights
+    )
+    write_container(
+        exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")}
+    )
     with pytest.raises(ExportMismatchError, match="does not fit"):
         load_lowbit(exported)
 
@@ -124,7 +128,9 @@ def test_spec_model_mismatch_is_reported(w8, exported: Path, tiny_name) -> None:
 def test_wrong_architecture_is_reported(exported: Path) -> None:
     tensors, info = read_container(exported)
     tensors[STUDENT + "visual.proj"] = torch.zeros(3, 3)
-    write_container(exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")})
+    write_container(
+        exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")}
+    )
     with pytest.raises(ExportMismatchError, match="shape mismatch"):
         load_lowbit(exported)
 
@@ -133,19 +139,28 @@ def test_uncalibrated_student_is_refused(tiny_float, tmp_path, tiny_name) -> Non
     from p4q_lightning import quantize
 
     with pytest.raises(ExportMismatchError, match="calibrate"):
-        export_lowbit(tmp_path / "m.safetensors", quantize(tiny_float[0], "w8a8"), model_name=tiny_name)
+        export_lowbit(
+            tmp_path / "m.safetensors", quantize(tiny_float[0], "w8a8"), model_name=tiny_name
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_text_features_need_matching_classnames(w8, tmp_path, tiny_name) -> None:
     with pytest.raises(ExportMismatchError, match="class names"):
-        export_lowbit(tmp_path / "m.safetensors", w8, model_name=tiny_name, classnames=["a"],
-                      text_features=torch.zeros(3, 32))
+        export_lowbit(
+            tmp_path / "m.safetensors",
+            w8,
+            model_name=tiny_name,
+            classnames=["a"],
+            text_features=torch.zeros(3, 32),
+        )
 
 
 def test_untrusted_adapter_target_is_refused(exported: Path) -> None:
     tensors, info = read_container(exported)
     info["adapter"] = {"target": "os:system", "init": {}}
-    write_container(exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")})
+    write_container(
+        exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")}
+    )
     with pytest.raises(LowBitFormatError, match="refusing"):
         load_lowbit(exported)

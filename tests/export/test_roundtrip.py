@@ -2,11 +2,10 @@
 
 import torch
 import torch.nn.functional as F
+from conftest import CLASSNAMES
 
 from p4q_lightning.export import export_lowbit, load_lowbit, read_container
 from p4q_lightning.quant import QuantSpec, quant_spec_of
-
-from conftest import CLASSNAMES
 
 
 def _logits(student, text, images, scale=100.0):
@@ -17,8 +16,16 @@ def _logits(student, text, images, scale=100.0):
 def test_export_load_logits_equal(student, images, tmp_path, tiny_name) -> None:
     preset, model, text = student
     ctx = torch.randn(4, 64)
-    report = export_lowbit(tmp_path / "m.safetensors", model, model_name=tiny_name, classnames=CLASSNAMES,
-                           text_features=text, logit_scale=100.0, prompt_ctx=ctx, extra={"shots": 4})
+    report = export_lowbit(
+        tmp_path / "m.safetensors",
+        model,
+        model_name=tiny_name,
+        classnames=CLASSNAMES,
+        text_features=text,
+        logit_scale=100.0,
+        prompt_ctx=ctx,
+        extra={"shots": 4},
+    )
     loaded = load_lowbit(report.path)
     ref = _logits(model, text, images)
     out = loaded.logits(images)
@@ -52,11 +59,17 @@ def test_stored_as_real_integers(student, tmp_path, tiny_name) -> None:
     emb = "student.token_embedding.weight"
     if spec["text.token_embedding"].w_bits:
         assert emb in quantized
-        assert tensors["student.token_embedding.weight_quantizer.scale"].shape[0] == 49408  # one scale per row
+        assert (
+            tensors["student.token_embedding.weight_quantizer.scale"].shape[0] == 49408
+        )  # one scale per row
     else:
         assert tensors[emb].dtype == torch.float32
     # float parts stay float
-    for key in ("student.visual.ln_pre.weight", "student.positional_embedding", "student.visual.proj"):
+    for key in (
+        "student.visual.ln_pre.weight",
+        "student.positional_embedding",
+        "student.visual.proj",
+    ):
         assert tensors[key].dtype == torch.float32
 
 
@@ -64,17 +77,28 @@ def test_adapter_round_trip(student, images, tmp_path, tiny_name) -> None:
     preset, model, text = student
     from p4q_lightning.quant import GroupSpec, QuantLinear
 
-    adapter = QuantLinear(32, 32, GroupSpec(w_bits=4, a_bits=8, a_observer="minmax"), "adapter",
-                          dynamic_weights=True)
+    adapter = QuantLinear(
+        32, 32, GroupSpec(w_bits=4, a_bits=8, a_observer="minmax"), "adapter", dynamic_weights=True
+    )
     torch.nn.init.normal_(adapter.weight, std=0.1)
     adapter.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
     cfg = {"target": "p4q_lightning.quant:QuantLinear", "init": {"dim": 32}}
 
     def factory(init):
-        return QuantLinear(init["dim"], init["dim"], GroupSpec(w_bits=4, a_bits=8), "adapter", dynamic_weights=True)
+        return QuantLinear(
+            init["dim"], init["dim"], GroupSpec(w_bits=4, a_bits=8), "adapter", dynamic_weights=True
+        )
 
-    report = export_lowbit(tmp_path / "a.safetensors", model, model_name=tiny_name, classnames=CLASSNAMES,
-                           text_features=text, logit_scale=100.0, adapter=adapter, adapter_config=cfg)
+    report = export_lowbit(
+        tmp_path / "a.safetensors",
+        model,
+        model_name=tiny_name,
+        classnames=CLASSNAMES,
+        text_features=text,
+        logit_scale=100.0,
+        adapter=adapter,
+        adapter_config=cfg,
+    )
     loaded = load_lowbit(report.path, adapter_factory=factory)
     with torch.no_grad():
         ref = 100 * F.normalize(adapter(model.encode_image(images)), dim=-1) @ text.t()

@@ -22,11 +22,13 @@ def test_tiny_file_size_matches_estimate(student, tmp_path, tiny_name) -> None:
 
 @pytest.mark.slow
 def test_vit_b32_size_ratios(tmp_path) -> None:
-    """ViT-B-32 (random weights: size does not depend on values): >= 3.9x at 8 bits, >= 7.5x at 4."""
+    """ViT-B-32, random weights (size does not depend on values): >= 3.9x at 8 bits, 7.5x at 4."""
     model, _, tokenizer = load_clip("ViT-B-32", None)
     fp_bytes = len(st_save({k: v.contiguous() for k, v in model.state_dict().items()}))
     for preset, minimum in (("w8a8", 3.9), ("w4a4", 7.5)):
-        student = quantize(model, get_spec(preset, {g: {"a_observer": "minmax"} for g in ALL_GROUPS}))
+        student = quantize(
+            model, get_spec(preset, {g: {"a_observer": "minmax"} for g in ALL_GROUPS})
+        )
         calibrate(student, torch.randn(1, 3, 224, 224), tokenizer(["a cat."]), progress=False)
         report = export_lowbit(tmp_path / f"{preset}.safetensors", student, model_name="ViT-B-32")
         del student

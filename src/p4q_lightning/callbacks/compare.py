@@ -39,7 +39,10 @@ FP_METHOD, PTQ_METHOD = "fp32 zero-shot", "ptq"
 def _has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    host = (
+        urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+        or "api.wandb.ai"
+    )
     try:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
@@ -53,7 +56,9 @@ def _reachable(timeout: float = 3.0) -> bool:
 
     def probe() -> None:
         try:
-            with socket.create_connection((url.hostname or "api.wandb.ai", url.port or 443), timeout=timeout):
+            with socket.create_connection(
+                (url.hostname or "api.wandb.ai", url.port or 443), timeout=timeout
+            ):
                 result.append(True)
         except OSError:
             result.append(False)
@@ -116,11 +121,22 @@ class ComparisonCallback(Callback):
         wandb_fallback: call :func:`resolve_wandb_mode` now (offline without key or network).
     """
 
-    def __init__(self, on: str = "test", max_batches: int | None = None, n_similarity: int = 8,
-                 dirname: str = "comparison", wandb_fallback: bool = True) -> None:
+    def __init__(
+        self,
+        on: str = "test",
+        max_batches: int | None = None,
+        n_similarity: int = 8,
+        dirname: str = "comparison",
+        wandb_fallback: bool = True,
+    ) -> None:
         if on not in ("test", "fit"):
             raise ValueError(f"on={on!r}: use 'test' or 'fit'")
-        self.on, self.max_batches, self.n_similarity, self.dirname = on, max_batches, n_similarity, dirname
+        self.on, self.max_batches, self.n_similarity, self.dirname = (
+            on,
+            max_batches,
+            n_similarity,
+            dirname,
+        )
         self.rows: list[dict[str, Any]] = []
         self.files: dict[str, Path] = {}
         if wandb_fallback:
@@ -161,18 +177,26 @@ class ComparisonCallback(Callback):
                 return dm.test_dataloader()
         loaders = trainer.test_dataloaders
         if loaders is None:
-            raise RuntimeError("ComparisonCallback needs a test split: use a datamodule with test_dataloader()")
+            raise RuntimeError(
+                "ComparisonCallback needs a test split: use a datamodule with test_dataloader()"
+            )
         return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
-    def evaluate(self, module: Any, loader: Any, data_info: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[str]]:
+    def evaluate(
+        self, module: Any, loader: Any, data_info: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[str]]:
         """Top-1/top-5 of every method on ``loader`` plus the similarity matrices."""
         method = module.method
         quantized = method in ("p4q", "ptq")
         trained = method in ("p4q", "coop")
         names, templates = module.classnames, module.templates
-        text = {FP_METHOD: template_text_features(module.teacher, module.tokenizer, names, templates)}
+        text = {
+            FP_METHOD: template_text_features(module.teacher, module.tokenizer, names, templates)
+        }
         if quantized:
-            text[PTQ_METHOD] = template_text_features(module.student, module.tokenizer, names, templates)
+            text[PTQ_METHOD] = template_text_features(
+                module.student, module.tokenizer, names, templates
+            )
         if trained:
             text[method] = module.student_text_features().detach().float()
         device = module.device
@@ -206,14 +230,25 @@ class ComparisonCallback(Callback):
         sizes = _sizes(module)
         rows = []
         for m in text:
-            label, w_bits, a_bits = _bits(None if m == FP_METHOD or method == "coop" else module.quant_spec)
-            rows.append({
-                "method": m, "bits": label, "w_bits": w_bits, "a_bits": a_bits,
-                "shots": data_info.get("shots", 0) if m in ("p4q", "coop") else 0,
-                "top1": correct[m][0] / total, "top5": correct[m][1] / total,
-                "size_mb": sizes[m] / 1e6, "n_test": total,
-            })
-        matrices = {m: torch.cat(sel_feats[m]) @ text[m][sel_labels].cpu().t() for m in text if sel_feats[m]}
+            label, w_bits, a_bits = _bits(
+                None if m == FP_METHOD or method == "coop" else module.quant_spec
+            )
+            rows.append(
+                {
+                    "method": m,
+                    "bits": label,
+                    "w_bits": w_bits,
+                    "a_bits": a_bits,
+                    "shots": data_info.get("shots", 0) if m in ("p4q", "coop") else 0,
+                    "top1": correct[m][0] / total,
+                    "top5": correct[m][1] / total,
+                    "size_mb": sizes[m] / 1e6,
+                    "n_test": total,
+                }
+            )
+        matrices = {
+            m: torch.cat(sel_feats[m]) @ text[m][sel_labels].cpu().t() for m in text if sel_feats[m]
+        }
         return rows, matrices, [names[j] for j in sel_labels]
 
     def _pick(self, labels: torch.Tensor, chosen: list[int]) -> list[int]:
@@ -229,7 +264,9 @@ class ComparisonCallback(Callback):
         return pick
 
     def _log(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        metrics = {f"comparison/{r['method']}/{k}": float(r[k]) for r in rows for k in ("top1", "top5")}
+        metrics = {
+            f"comparison/{r['method']}/{k}": float(r[k]) for r in rows for k in ("top1", "top5")
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger":
@@ -241,7 +278,9 @@ def _sizes(module: Any) -> dict[str, float]:
     sizes = {FP_METHOD: fp, "coop": fp}
     if module.method in ("p4q", "ptq"):
         sizes[PTQ_METHOD] = estimate_lowbit_nbytes(module.student)
-        sizes["p4q"] = sizes[PTQ_METHOD] + (estimate_lowbit_nbytes(module.adapter) if module.adapter is not None else 0)
+        sizes["p4q"] = sizes[PTQ_METHOD] + (
+            estimate_lowbit_nbytes(module.adapter) if module.adapter is not None else 0
+        )
     learner = getattr(module, "prompt_learner", None)
     if learner is not None:
         for m in ("p4q", "coop"):
@@ -252,12 +291,23 @@ def _sizes(module: Any) -> dict[str, float]:
 
 def _run_info(module: Any, trainer: Trainer) -> dict[str, Any]:
     hp = module.hparams
-    return {"model": hp.get("model_name"), "pretrained": hp.get("pretrained"), "method": module.method,
-            "quant": module.quant_spec.name, "classes": len(module.classnames), **_data_info(trainer)}
+    return {
+        "model": hp.get("model_name"),
+        "pretrained": hp.get("pretrained"),
+        "method": module.method,
+        "quant": module.quant_spec.name,
+        "classes": len(module.classnames),
+        **_data_info(trainer),
+    }
 
 
-def write_outputs(directory: Path, rows: list[dict[str, Any]], matrices: dict[str, torch.Tensor],
-                  labels: list[str], run: dict[str, Any]) -> dict[str, Path]:
+def write_outputs(
+    directory: Path,
+    rows: list[dict[str, Any]],
+    matrices: dict[str, torch.Tensor],
+    labels: list[str],
+    run: dict[str, Any],
+) -> dict[str, Path]:
     """The comparison as CSV, JSON and PNGs in ``directory``; returns their paths."""
     from p4q_lightning.plots import accuracy_bars, similarity_matrices
 
@@ -267,13 +317,21 @@ def write_outputs(directory: Path, rows: list[dict[str, Any]], matrices: dict[st
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    payload = {"run": run, "rows": rows, "similarity": {"labels": labels, **{m: v.tolist() for m, v in matrices.items()}}}
+    payload = {
+        "run": run,
+        "rows": rows,
+        "similarity": {"labels": labels, **{m: v.tolist() for m, v in matrices.items()}},
+    }
     files["json"].write_text(json.dumps(payload, indent=2))
     title = f"{run.get('model')} · {run.get('quant')}"
     files["accuracy"] = accuracy_bars(rows, directory / "accuracy.png", title)
     if matrices:
-        files["similarity"] = similarity_matrices({m: v.numpy() for m, v in matrices.items()}, labels,
-                                                  directory / "similarity.png", "image-text cosine similarity")
+        files["similarity"] = similarity_matrices(
+            {m: v.numpy() for m, v in matrices.items()},
+            labels,
+            directory / "similarity.png",
+            "image-text cosine similarity",
+        )
     log.info("comparison written to %s", directory)
     return files
 

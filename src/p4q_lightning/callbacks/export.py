@@ -36,15 +36,21 @@ class LowBitExportCallback(Callback):
         on: ``fit`` (end of training), ``test`` (end of testing) or ``both``.
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "model-lowbit.safetensors",
-                 on: str = "fit") -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "model-lowbit.safetensors",
+        on: str = "fit",
+    ) -> None:
         if on not in ("fit", "test", "both"):
             raise ValueError(f"on={on!r}: use 'fit', 'test' or 'both'")
         self.dirpath, self.filename, self.on = dirpath, filename, on
         self.report: ExportReport | None = None
 
     def path(self, trainer: Trainer) -> Path:
-        return Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
+        return (
+            Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
+        )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.on in ("fit", "both"):
@@ -57,8 +63,10 @@ class LowBitExportCallback(Callback):
     @rank_zero_only
     def export(self, trainer: Trainer, pl_module: LightningModule) -> ExportReport | None:
         if getattr(pl_module, "method", None) not in ("p4q", "ptq"):
-            log.info("LowBitExportCallback: method %r has no low-bit student; nothing exported",
-                     getattr(pl_module, "method", None))
+            log.info(
+                "LowBitExportCallback: method %r has no low-bit student; nothing exported",
+                getattr(pl_module, "method", None),
+            )
             return None
         self.report = export_module(pl_module, self.path(trainer), trainer)
         metrics: dict[str, Any] = {
@@ -67,6 +75,10 @@ class LowBitExportCallback(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        log.info("low-bit model written to %s (%.2f MB, %.2fx smaller than float32)",
-                 self.report.path, self.report.file_bytes / 1e6, self.report.ratio)
+        log.info(
+            "low-bit model written to %s (%.2f MB, %.2fx smaller than float32)",
+            self.report.path,
+            self.report.file_bytes / 1e6,
+            self.report.ratio,
+        )
         return self.report

@@ -17,11 +17,14 @@ def default_output(checkpoint: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="p4q export",
-        description="Export the calibrated low-bit student, learned prompt and adapter of a P4Q (or "
-        "PTQ) checkpoint as integer weights + JSON metadata (loads with p4q_lightning.load_lowbit).",
+        description="Export the calibrated low-bit student, learned prompt and adapter of a P4Q "
+        "(or PTQ) checkpoint as integer weights + JSON metadata (loads with "
+        "p4q_lightning.load_lowbit).",
     )
     parser.add_argument("checkpoint", type=Path, help="Lightning checkpoint (.ckpt) of a P4QModule")
-    parser.add_argument("--out", type=Path, default=None, help="output file (default: CKPT-lowbit.safetensors)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output file (default: CKPT-lowbit.safetensors)"
+    )
     parser.add_argument("--verify", action="store_true", help="reload the file and check it")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():

@@ -7,7 +7,12 @@ from p4q_lightning.export.format import (
     read_container,
     write_container,
 )
-from p4q_lightning.export.int8 import Int8Linear, Int8MultiheadAttention, convert_to_int8, int8_backend
+from p4q_lightning.export.int8 import (
+    Int8Linear,
+    Int8MultiheadAttention,
+    convert_to_int8,
+    int8_backend,
+)
 from p4q_lightning.export.loader import LowBitCLIP, load_lowbit
 from p4q_lightning.export.packing import pack_codes, packed_nbytes, storage_bits, unpack_codes
 from p4q_lightning.export.writer import (

@@ -68,15 +68,20 @@ def _check_writable(path: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportWriteError(
-            f"cannot create the export directory {parent}: {e.strerror or e}; choose a writable path"
+            f"cannot create the export directory {parent}: {e.strerror or e}; "
+            "choose a writable path"
         ) from e
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportWriteError(f"export directory {parent} is not writable; choose another path")
     if path.is_dir():
-        raise ExportWriteError(f"export path {path} is a directory; give a file name such as model.safetensors")
+        raise ExportWriteError(
+            f"export path {path} is a directory; give a file name such as model.safetensors"
+        )
 
 
-def write_container(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], info: dict[str, Any]) -> int:
+def write_container(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], info: dict[str, Any]
+) -> int:
     """Write ``tensors`` and ``info`` to ``path`` atomically; return the file size in bytes.
 
     The bytes go to a temporary file in the same directory, are fsynced, then renamed over
@@ -93,7 +98,9 @@ def write_container(path: str | os.PathLike[str], tensors: Mapping[str, torch.Te
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as e:
-        raise ExportWriteError(f"cannot write in {path.parent}: {e.strerror or e}; choose a writable path") from e
+        raise ExportWriteError(
+            f"cannot write in {path.parent}: {e.strerror or e}; choose a writable path"
+        ) from e
     try:
         with os.fdopen(fd, "wb") as f:
             _write_all(f, data)
@@ -112,7 +119,9 @@ def write_container(path: str | os.PathLike[str], tensors: Mapping[str, torch.Te
     return len(data)
 
 
-def read_container(path: str | os.PathLike[str], verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_container(
+    path: str | os.PathLike[str], verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read an export written by :func:`write_container`; check format and checksum."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -140,7 +149,8 @@ def read_container(path: str | os.PathLike[str], verify: bool = True) -> tuple[d
         actual = checksum(tensors, info_json)
         if actual != expected:
             raise LowBitFormatError(
-                f"{path} failed its checksum (stored {expected[:19]}..., computed {actual[:19]}...): "
+                f"{path} failed its checksum (stored {expected[:19]}..., "
+                f"computed {actual[:19]}...): "
                 "the file was altered or damaged after export; re-export it"
             )
     info = json.loads(info_json)

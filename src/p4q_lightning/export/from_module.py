@@ -85,7 +85,11 @@ def export_module(module: Any, path: str | os.PathLike[str], trainer: Any = None
     module.eval()
     try:
         text = module.student_text_features().detach().float()
-        ctx = module.prompt_learner.ctx.detach() if getattr(module, "prompt_learner", None) is not None else None
+        ctx = (
+            module.prompt_learner.ctx.detach()
+            if getattr(module, "prompt_learner", None) is not None
+            else None
+        )
         return export_lowbit(
             path,
             module.student,

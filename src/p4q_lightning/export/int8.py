@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p4q_lightning.quant import ActivationQuantizer, QuantLinear, QuantMultiheadAttention, WeightQuantizer
+from p4q_lightning.quant import (
+    ActivationQuantizer,
+    QuantLinear,
+    QuantMultiheadAttention,
+    WeightQuantizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,9 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         if act.bits is None or act.bits > 8 or act.per_channel or not bool(act.calibrated):
-            raise ValueError("Int8Linear needs a calibrated per-tensor input quantizer of <= 8 bits")
+            raise ValueError(
+                "Int8Linear needs a calibrated per-tensor input quantizer of <= 8 bits"
+            )
         self.backend = backend or int8_backend()
         w = weight.detach().float().cpu()
         scale = weight_scale.detach().float().cpu()
@@ -95,7 +102,9 @@ class Int8Linear(nn.Module):
         elif self.backend == "int_mm":
             self.register_buffer("codes_t", codes.t().contiguous(), persistent=False)
             # x_q - zp = (x_q - 128) - (zp - 128): int8 input, zero point folded into a row term
-            self.register_buffer("zp_term", (self.x_zp - 128) * codes.to(torch.int32).sum(dim=1), persistent=False)
+            self.register_buffer(
+                "zp_term", (self.x_zp - 128) * codes.to(torch.int32).sum(dim=1), persistent=False
+            )
             self.register_buffer("out_scale", scale * self.x_scale, persistent=False)
             self.register_buffer("bias", b, persistent=False)
         else:
@@ -117,8 +126,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear, backend: str | None = None) -> Int8Linear:
-        return cls(_grid(layer.weight, layer.weight_quantizer), layer.weight_quantizer.scale, layer.bias,
-                   layer.input_quantizer, backend)
+        return cls(
+            _grid(layer.weight, layer.weight_quantizer),
+            layer.weight_quantizer.scale,
+            layer.bias,
+            layer.input_quantizer,
+            backend,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -157,7 +171,11 @@ def _grid(weight: torch.Tensor, wq: WeightQuantizer) -> torch.Tensor:
 
 def _supported(act: ActivationQuantizer, wq: WeightQuantizer) -> bool:
     return (
-        wq.enabled and act.enabled and not act.per_channel and act.bits <= 8 and bool(act.calibrated)
+        wq.enabled
+        and act.enabled
+        and not act.per_channel
+        and act.bits <= 8
+        and bool(act.calibrated)
         and (wq.dynamic or bool(wq.calibrated))
     )
 
@@ -171,8 +189,13 @@ class Int8MultiheadAttention(nn.Module):
         self.batch_first = attn.batch_first
         self.qkv: nn.Module | None = None
         if _supported(attn.input_quantizer, attn.weight_quantizer):
-            self.qkv = Int8Linear(_grid(attn.in_proj_weight, attn.weight_quantizer), attn.weight_quantizer.scale,
-                                  attn.in_proj_bias, attn.input_quantizer, backend)
+            self.qkv = Int8Linear(
+                _grid(attn.in_proj_weight, attn.weight_quantizer),
+                attn.weight_quantizer.scale,
+                attn.in_proj_bias,
+                attn.input_quantizer,
+                backend,
+            )
         out = attn.out_proj
         if isinstance(out, QuantLinear) and _supported(out.input_quantizer, out.weight_quantizer):
             attn.out_proj = Int8Linear.from_quant_linear(out, backend)
@@ -188,8 +211,14 @@ class Int8MultiheadAttention(nn.Module):
         **_: object,
     ) -> tuple[torch.Tensor, None]:
         a = self.attn
-        if need_weights or (key is not None and key is not query) or (value is not None and value is not query):
-            raise NotImplementedError("Int8MultiheadAttention supports self-attention without weights only")
+        if (
+            need_weights
+            or (key is not None and key is not query)
+            or (value is not None and value is not query)
+        ):
+            raise NotImplementedError(
+                "Int8MultiheadAttention supports self-attention without weights only"
+            )
         x = query if self.batch_first else query.transpose(0, 1)
         b, length, _ = x.shape
         if self.qkv is not None:
@@ -224,10 +253,14 @@ def convert_to_int8(model: nn.Module, backend: str | None = None) -> nn.Module:
             if isinstance(child, QuantMultiheadAttention):
                 setattr(parent, child_name, Int8MultiheadAttention(child, backend))
                 converted += 1
-            elif isinstance(child, QuantLinear) and _supported(child.input_quantizer, child.weight_quantizer):
+            elif isinstance(child, QuantLinear) and _supported(
+                child.input_quantizer, child.weight_quantizer
+            ):
                 setattr(parent, child_name, Int8Linear.from_quant_linear(child, backend))
                 converted += 1
     if isinstance(model, QuantLinear):
-        raise TypeError("convert_to_int8 converts the children of a model; wrap a bare QuantLinear first")
+        raise TypeError(
+            "convert_to_int8 converts the children of a model; wrap a bare QuantLinear first"
+        )
     log.info("int8 inference: converted %d layers (backend %s)", converted, backend)
     return model

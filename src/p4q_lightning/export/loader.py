@@ -1,4 +1,4 @@
-"""Load a low-bit export back into a runnable classifier: :func:`load_lowbit` -> :class:`LowBitCLIP`.
+"""Load a low-bit export as a runnable classifier: :func:`load_lowbit` -> :class:`LowBitCLIP`.
 
 The architecture is rebuilt from open_clip (``load_clip(name, None)`` + ``quantize(spec)``),
 then the integer codes are expanded with their scales into exactly the on-grid weights the
@@ -37,7 +37,7 @@ TRUSTED_ADAPTER_PACKAGES = ("p4q_lightning.",)
 class LowBitCLIP(nn.Module):
     """A low-bit CLIP classifier: quantized student, optional adapter, fixed text features.
 
-    ``logits(images)`` = ``logit_scale * normalize(adapter(encode_image(images))) @ text_features.T``,
+    ``logits(images) = logit_scale * normalize(adapter(encode_image(images))) @ text_features.T``,
     the P4Q student's image-to-class logits; ``predict`` returns class indices and
     ``predict_names`` class names. ``encode_image``/``encode_text`` expose the quantized towers.
     """
@@ -110,7 +110,11 @@ class LowBitCLIP(nn.Module):
 
 
 def _restore(
-    target: nn.Module, tensors: dict[str, torch.Tensor], info: dict[str, Any], prefix: str, what: str
+    target: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    prefix: str,
+    what: str,
 ) -> dict[str, torch.Tensor]:
     """Expand codes to on-grid weights and check every key and shape against ``target``."""
     expected = target.state_dict()
@@ -118,21 +122,29 @@ def _restore(
     for full, t in tensors.items():
         if not full.startswith(prefix):
             continue
-        key = full[len(prefix):]
+        key = full[len(prefix) :]
         q = info["quantized"].get(full)
         if q is not None:
-            scale_key = f"{prefix}{key.rsplit('.', 1)[0]}.weight_quantizer.scale" if "." in key else f"{prefix}weight_quantizer.scale"
+            scale_key = (
+                f"{prefix}{key.rsplit('.', 1)[0]}.weight_quantizer.scale"
+                if "." in key
+                else f"{prefix}weight_quantizer.scale"
+            )
             codes = unpack_codes(t, q["bits"], q["shape"])
             scale = tensors[scale_key]
             t = codes.float() * scale.view((-1,) + (1,) * (codes.dim() - 1))
         state[key] = t
     for full, z in info.get("zeros", {}).items():
         if full.startswith(prefix):
-            state[full[len(prefix):]] = torch.full(z["shape"], z.get("value", 0), dtype=getattr(torch, z["dtype"]))
+            state[full[len(prefix) :]] = torch.full(
+                z["shape"], z.get("value", 0), dtype=getattr(torch, z["dtype"])
+            )
     _check_bits(target, info, prefix, what)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    wrong = sorted(
+        k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -141,10 +153,15 @@ def _restore(
             parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
+            parts.append(
+                f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} "
+                f"vs model {tuple(expected[k].shape)})"
+            )
         raise ExportMismatchError(
-            f"the export does not fit the {what} rebuilt from its metadata: " + "; ".join(parts)
-            + ". The file's model name / quant spec disagree with its weights, or it was written by "
+            f"the export does not fit the {what} rebuilt from its metadata: "
+            + "; ".join(parts)
+            + ". The file's model name / quant spec disagree with its weights, or it was written "
+            "by "
             "a different version; re-export it from the run"
         )
     return state
@@ -163,13 +180,16 @@ def _check_bits(target: nn.Module, info: dict[str, Any], prefix: str, what: str)
         k = diff[0]
         raise ExportMismatchError(
             f"the export does not fit the {what} rebuilt from its metadata: its quant spec gives "
-            f"{k[len(prefix):]} {want.get(k, 'float')} bits but the file stores "
-            f"{have.get(k, 'float')} ({len(diff)} such weights). The metadata was altered or written "
+            f"{k[len(prefix) :]} {want.get(k, 'float')} bits but the file stores "
+            f"{have.get(k, 'float')} ({len(diff)} such weights). The metadata was altered or "
+            "written "
             "by a different version; re-export it from the run"
         )
 
 
-def _build_adapter(cfg: dict[str, Any], factory: Callable[[dict[str, Any]], nn.Module] | None) -> nn.Module:
+def _build_adapter(
+    cfg: dict[str, Any], factory: Callable[[dict[str, Any]], nn.Module] | None
+) -> nn.Module:
     if factory is not None:
         return factory(cfg.get("init", {}))
     target = cfg["target"]
@@ -211,7 +231,8 @@ def load_lowbit(
     Verifies the checksum, rebuilds the quantized architecture named in the metadata and fills
     it with the stored integers and float parts. ``int8=True`` converts it for CPU integer
     inference (:meth:`LowBitCLIP.to_int8`). The adapter is rebuilt from the ``target`` class in
-    the metadata (only inside ``p4q_lightning``), or by ``adapter_factory(init_kwargs)``. Raises :class:`LowBitFormatError` for damaged
+    the metadata (only inside ``p4q_lightning``), or by ``adapter_factory(init_kwargs)``.
+    Raises :class:`LowBitFormatError` for damaged
     files and :class:`ExportMismatchError` when the weights do not fit the named architecture.
     """
     tensors, info = read_container(path)
@@ -220,7 +241,9 @@ def load_lowbit(
     clip, preprocess, tokenizer = load_clip(model_info["name"], None)
     student = quantize(clip, QuantSpec.from_dict(info["spec"]))
     del clip
-    student.load_state_dict(_restore(student, tensors, info, STUDENT, f"{model_info['name']} student"))
+    student.load_state_dict(
+        _restore(student, tensors, info, STUDENT, f"{model_info['name']} student")
+    )
     adapter = None
     if info.get("adapter"):
         adapter = _build_adapter(info["adapter"], adapter_factory)

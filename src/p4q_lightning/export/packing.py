@@ -44,7 +44,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
 
 
-def unpack_codes(stored: torch.Tensor, bits: int, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+def unpack_codes(
+    stored: torch.Tensor, bits: int, shape: tuple[int, ...] | list[int]
+) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int8 codes of the given shape."""
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)

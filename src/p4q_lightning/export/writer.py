@@ -60,14 +60,18 @@ def weight_key(name: str, module: nn.Module) -> str:
     return f"{name}.{leaf}" if name else leaf
 
 
-def _grid_weight(name: str, module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid_weight(
+    name: str, module: nn.Module, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight on the grid, per-channel scale): what the module multiplies with at inference."""
     wq = module.weight_quantizer
     w = weight.detach().float().cpu()
     if wq.dynamic:  # trained weights (the adapter): quantize now, as the forward pass does
         scale = symmetric_scale(w.reshape(w.shape[0], -1).abs().amax(dim=1), wq.bits)
         shape = (-1,) + (1,) * (w.dim() - 1)
-        q = torch.round(w / scale.view(shape)).clamp(-symmetric_qmax(wq.bits), symmetric_qmax(wq.bits))
+        q = torch.round(w / scale.view(shape)).clamp(
+            -symmetric_qmax(wq.bits), symmetric_qmax(wq.bits)
+        )
         return q * scale.view(shape), scale
     if not bool(module.weights_frozen):
         raise ExportMismatchError(
@@ -77,7 +81,9 @@ def _grid_weight(name: str, module: nn.Module, weight: torch.Tensor) -> tuple[to
     return w, wq.scale.detach().float().cpu()
 
 
-def lowbit_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def lowbit_state(
+    model: nn.Module, prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split a quantized model's state into stored tensors and the info needed to rebuild it.
 
     Returns ``(tensors, info)`` with ``info = {"quantized": {key: {bits, shape}}, "zeros":
@@ -97,7 +103,8 @@ def lowbit_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
         err = (codes.float() * scale.view(shape) - grid).abs().max()
         if float(err) > 1e-6 * float(grid.abs().max().clamp_min(1e-12)):
             raise ExportMismatchError(
-                f"{name}: stored weight is not on its {wq.bits}-bit grid (max error {float(err):.3g}); "
+                f"{name}: stored weight is not on its {wq.bits}-bit grid "
+                f"(max error {float(err):.3g}); "
                 "was the weight changed after calibration? Re-run p4q_lightning.calibrate"
             )
         state[key] = pack_codes(codes, wq.bits)
@@ -108,13 +115,18 @@ def lowbit_state(model: nn.Module, prefix: str = "") -> tuple[dict[str, torch.Te
     # one, e.g. the float token table's 49408 rows) are recorded, not stored
     for name, module in quant_modules(model):
         prefix_q = f"{name}.weight_quantizer." if name else "weight_quantizer."
-        candidates = [("zero_point", 0)] + ([] if module.weight_quantizer.enabled else [("scale", 1)])
+        candidates = [("zero_point", 0)] + (
+            [] if module.weight_quantizer.enabled else [("scale", 1)]
+        )
         for leaf, value in candidates:
             key = prefix_q + leaf
             if key in state and bool((state[key] == value).all()):
                 t = state.pop(key)
-                zeros[prefix + key] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                                       "value": value}
+                zeros[prefix + key] = {
+                    "shape": list(t.shape),
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "value": value,
+                }
     tensors = {prefix + k: v for k, v in state.items()}
     return tensors, {"quantized": quantized, "zeros": zeros}
 
@@ -131,7 +143,11 @@ def estimate_lowbit_nbytes(model: nn.Module) -> int:
     for name, module in quant_modules(model):
         if module.weight_quantizer.enabled:
             quantized[weight_key(name, module)] = module.weight_quantizer.bits
-    disabled = {f"{name}.weight_quantizer.scale" for name, m in quant_modules(model) if not m.weight_quantizer.enabled}
+    disabled = {
+        f"{name}.weight_quantizer.scale"
+        for name, m in quant_modules(model)
+        if not m.weight_quantizer.enabled
+    }
     for key, value in model.state_dict().items():
         if key in quantized:
             total += packed_nbytes(value.numel(), quantized[key])
@@ -168,7 +184,8 @@ def export_lowbit(
 
     ``model_name``/``pretrained`` say how :func:`load_lowbit` rebuilds the architecture (the
     weights come from the file); ``model_config`` (the open_clip config dict, default: looked
-    up by name) is stored too, so models registered from a JSON file load anywhere. ``text_features`` ([classes, dim], normalized) with
+    up by name) is stored too, so models registered from a JSON file load anywhere.
+    ``text_features`` ([classes, dim], normalized) with
     ``classnames`` and ``logit_scale`` make the file a classifier; ``adapter`` (a module from
     ``p4q_lightning``) with ``adapter_config = {"target": "module:Class", "init": {...}}`` is
     rebuilt at load. ``extra`` is free-form JSON (method, shots, dataset...).
@@ -178,7 +195,8 @@ def export_lowbit(
     if text_features is not None:
         if classnames is None or len(classnames) != text_features.shape[0]:
             raise ExportMismatchError(
-                f"text_features has {text_features.shape[0]} rows but {0 if classnames is None else len(classnames)} "
+                f"text_features has {text_features.shape[0]} rows but "
+                f"{0 if classnames is None else len(classnames)} "
                 "class names were given; pass one class name per text-feature row"
             )
         tensors[HEAD + "text_features"] = text_features.detach().float().cpu()
@@ -197,9 +215,16 @@ def export_lowbit(
         tensors.update(a_tensors)
         info["quantized"].update(a_info["quantized"])
         info["zeros"].update(a_info["zeros"])
-        adapter_info = {"target": adapter_config["target"], "init": dict(adapter_config.get("init", {}))}
+        adapter_info = {
+            "target": adapter_config["target"],
+            "init": dict(adapter_config.get("init", {})),
+        }
     info.update(
-        model={"name": model_name, "pretrained": pretrained, "config": _model_config(model_name, model_config)},
+        model={
+            "name": model_name,
+            "pretrained": pretrained,
+            "config": _model_config(model_name, model_config),
+        },
         spec=spec.to_dict(),
         classnames=list(classnames) if classnames is not None else None,
         adapter=adapter_info,
