@@ -85,7 +85,10 @@ def test_two_epoch_fit_trains_only_prompts_and_adapter(world, tmp_path):
     first, last = sum(recorder.losses[:4]) / 4, sum(recorder.losses[-4:]) / 4
     assert last < first, recorder.losses
     changed = {k for k, v in module.named_parameters() if not torch.equal(v, before[k])}
-    assert changed == {"prompt_learner.ctx", *(f"adapter.{n}" for n, _ in module.adapter.named_parameters())}
+    assert changed == {
+        "prompt_learner.ctx",
+        *(f"adapter.{n}" for n, _ in module.adapter.named_parameters()),
+    }
     for k, v in module.teacher.state_dict().items():
         assert torch.equal(v, fresh_teacher[k]), k
     assert all(not p.requires_grad for p in module.teacher.parameters())
@@ -95,7 +98,10 @@ def test_two_epoch_fit_trains_only_prompts_and_adapter(world, tmp_path):
 def test_only_prompts_and_adapter_require_grad(world):
     module = make_module(world, classnames=["a", "b"])
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_learner.ctx", *(f"adapter.{n}" for n, _ in module.adapter.named_parameters())}
+    assert trainable == {
+        "prompt_learner.ctx",
+        *(f"adapter.{n}" for n, _ in module.adapter.named_parameters()),
+    }
     module.teacher.visual.proj.requires_grad_(True)
     with pytest.raises(RuntimeError, match="only prompt and adapter"):
         module._check_trainable()
@@ -232,3 +238,15 @@ def test_clear_errors(world):
     t.datamodule = make_dm(world)  # 4 classes
     with pytest.raises(ValueError, match="3 classes but the datamodule has 4"):
         module.setup("fit")
+
+
+def test_validate_then_fit_in_one_process(world, tmp_path):
+    """Calibration inside an inference-mode evaluation must not poison a later fit."""
+    seed_everything(0)
+    dm = make_dm(world)
+    module = make_module(world, feature_views=0, teacher_text="prompt")
+    trainer(tmp_path).validate(module, dm, verbose=False)
+    t = trainer(tmp_path, max_epochs=1)
+    t.fit(module, dm)
+    assert t.global_step == 4
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

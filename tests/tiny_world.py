@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
@@ -106,10 +106,14 @@ class TinyDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_dataset, self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.test_dataset, batch_size=self.batch_size, num_workers=self.num_workers
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
@@ -124,3 +128,26 @@ class TinyDataModule(LightningDataModule):
 
 def random_images(n: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+class RankAgreement(Callback):
+    """At the end of fit, records (from rank zero) whether every rank holds the same
+    calibration, prompt and adapter, plus the synchronised validation accuracy."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = pl_module.state_dict()
+        flat = torch.cat([state[k].detach().double().flatten() for k in sorted(state)])
+        weights = torch.arange(flat.numel(), dtype=torch.float64) % 97 + 1
+        digest = torch.stack([flat.sum(), (flat * weights).sum()])
+        gathered = trainer.strategy.all_gather(digest)
+        if trainer.is_global_zero:
+            result = {
+                "world_size": trainer.world_size,
+                "agree": bool((gathered == gathered[0]).all()),
+                "global_step": trainer.global_step,
+                "val_top1": float(trainer.callback_metrics.get("val/top1", -1)),
+            }
+            Path(self.out).write_text(json.dumps(result))

@@ -34,8 +34,21 @@ def wandb_offline_unless_configured() -> bool:
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         pass
     os.environ["WANDB_MODE"] = "offline"
-    log.info("no W&B key or login found: W&B runs offline (set WANDB_API_KEY or `wandb login` to sync)")
+    log.info(
+        "no W&B key or login found: W&B runs offline (set WANDB_API_KEY or `wandb login` to sync)"
+    )
     return True
+
+
+def _log_to_console() -> None:
+    """Show this package's INFO messages (calibration, caching) next to Lightning's own."""
+    pkg = logging.getLogger("p4q_lightning")
+    if not pkg.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+        pkg.propagate = False
 
 
 def _dispatch(name: str, argv: list[str]) -> int | None:
@@ -72,12 +85,13 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # 
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return _dispatch(argv[0], argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return _dispatch(args[0], args[1:])
+    _log_to_console()
     wandb_offline_unless_configured()
-    cli_main(argv)
+    cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     return None
 
 

@@ -204,7 +204,8 @@ class P4QModule(LightningModule):
         explicit = self.hparams.classnames
         if explicit and names and len(explicit) != len(names):
             raise ValueError(
-                f"model.classnames has {len(explicit)} classes but the datamodule has {len(names)}; "
+                f"model.classnames has {len(explicit)} classes but the datamodule has "
+                f"{len(names)}; "
                 "drop model.classnames or make them match the dataset"
             )
         chosen = explicit or names or self.classnames
@@ -222,7 +223,9 @@ class P4QModule(LightningModule):
                 )
             self._check_trainable()
             # The frozen CLIPs are in eval mode on purpose; Lightning would warn about each fit.
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+            warnings.filterwarnings(
+                "ignore", message=r".*module\(s\) in eval mode at the start of training"
+            )
             if self.hparams.feature_views > 0:
                 self._train_source = TrainFeatureSource.install(self)
 
@@ -253,7 +256,6 @@ class P4QModule(LightningModule):
             texts = [texts[int(i * step)] for i in range(max_texts)]
         return [self.tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
 
-    @torch.no_grad()
     def calibrate(
         self,
         images: Iterable[Any] | torch.Tensor,
@@ -263,6 +265,18 @@ class P4QModule(LightningModule):
     ) -> dict[str, dict[str, float]]:
         """Calibrate the student (activation ranges, weights onto the grid), then initialise the
         adapter's input ranges from the student's features of the same images."""
+        # Normal tensors even when a Trainer calls this inside an inference-mode evaluation,
+        # so the calibrated buffers remain usable by a later fit.
+        with torch.inference_mode(False), torch.no_grad():
+            return self._calibrate(images, texts, progress, adapter_batches)
+
+    def _calibrate(
+        self,
+        images: Iterable[Any] | torch.Tensor,
+        texts: Iterable[torch.Tensor] | torch.Tensor | None,
+        progress: bool,
+        adapter_batches: int,
+    ) -> dict[str, dict[str, float]]:
         if (
             isinstance(images, Iterable)
             and not isinstance(images, torch.Tensor)
@@ -340,9 +354,10 @@ class P4QModule(LightningModule):
     def _templates(self, model: nn.Module) -> torch.Tensor:
         if not self.classnames:
             raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
-        return template_text_features(
-            model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
-        )
+        with torch.inference_mode(False):  # a cache, reused by training steps
+            return template_text_features(
+                model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
+            )
 
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
@@ -422,7 +437,9 @@ class P4QModule(LightningModule):
         self._invalidate_text()  # the prompt changed
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
-                self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
+                self.log(
+                    f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False
+                )
 
     def configure_optimizers(self) -> Any:
         return optim.configure(self)

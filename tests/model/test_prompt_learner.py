@@ -105,3 +105,14 @@ def test_gradient_reaches_every_context_position_through_w4a4_text_tower(clip, p
     per_position = grad.abs().reshape(-1, pl.n_ctx, grad.shape[-1]).sum(dim=-1)
     assert (per_position > 0).all(), per_position
     assert not any(p.requires_grad for p in student.parameters())
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_all_imagenet_class_names_fit_and_truncate(position):
+    import open_clip
+
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    names = open_clip.IMAGENET_CLASSNAMES
+    pl = PromptLearner(names, tok, 512, n_ctx=16, class_token_position=position)
+    assert pl.n_cls == 1000 and pl.seq_len <= 31  # instead of 77 positions
+    assert int(pl.ctx_mask.sum()) == 1000 * 16

@@ -1,4 +1,5 @@
-"""Prompt/token encoding: truncation to the longest prompt is exact; chunks and checkpointing agree."""
+"""Prompt/token encoding: truncating to the longest prompt is exact; chunking and checkpointing
+agree."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The combined prompt/adapter optimiser matches torch's SGD and AdamW; the warmup-cosine schedule."""
+"""The combined prompt/adapter optimiser matches torch's SGD and AdamW; the warmup-cosine
+schedule."""
 
 from __future__ import annotations
 
@@ -17,13 +18,20 @@ def test_matches_torch_sgd_and_adamw(nesterov):
     a2, b2 = a1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
     ours = PromptAdapterOptimizer(
         [
-            dict(params=[a1], algorithm="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov),
+            dict(
+                params=[a1],
+                algorithm="sgd",
+                lr=0.1,
+                momentum=0.9,
+                weight_decay=5e-4,
+                nesterov=nesterov,
+            ),
             dict(params=[b1], algorithm="adamw", lr=1e-2, eps=1e-4, weight_decay=1e-2),
         ]
     )
     sgd = torch.optim.SGD([a2], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
     adamw = torch.optim.AdamW([b2], lr=1e-2, eps=1e-4, weight_decay=1e-2)
-    for step in range(5):
+    for _ in range(5):
         g = torch.randn(4, 3), torch.randn(5)
         a1.grad, b1.grad = g[0].clone(), g[1].clone()
         a2.grad, b2.grad = g[0].clone(), g[1].clone()
@@ -38,7 +46,9 @@ def test_matches_torch_sgd_and_adamw(nesterov):
 
 def test_unknown_algorithm():
     with pytest.raises(ValueError, match="sgd"):
-        PromptAdapterOptimizer([dict(params=[torch.zeros(1, requires_grad=True)], algorithm="lion")])
+        PromptAdapterOptimizer(
+            [dict(params=[torch.zeros(1, requires_grad=True)], algorithm="lion")]
+        )
 
 
 def test_warmup_then_cosine_to_zero():

@@ -118,28 +118,34 @@ class PromptLearner(nn.Module):
             )
         self.classnames = classnames
         context_length = getattr(self.tokenizer, "context_length", 77)
-        texts, slots, expected_eot = [], [], []
+        texts, slots = [], []
         for name in classnames:
-            name_len = len(_encode(self.tokenizer, name))
-            needed = self.n_ctx + name_len + 3  # SOS, context, name, ".", EOS
+            text = self._prompt_text(name)
+            needed = len(_encode(self.tokenizer, text)) + 2  # with SOS and EOS
             if needed > context_length:
                 raise ValueError(
-                    f"class name {name!r} is too long: its prompt needs {needed} tokens but the text "
-                    f"tower takes {context_length}; shorten the name or lower n_ctx ({self.n_ctx})"
+                    f"class name {name!r} is too long: its prompt needs {needed} tokens but "
+                    f"the text tower takes {context_length}; shorten the name or lower "
+                    f"n_ctx ({self.n_ctx})"
                 )
-            texts.append(self._prompt_text(name))
-            slots.append(self._ctx_positions(name_len))
-            expected_eot.append(needed - 1)
+            texts.append(text)
+            slots.append(self._ctx_positions(len(_encode(self.tokenizer, name))))
         token_ids = self.tokenizer(texts)
         if token_ids.dim() != 2:
             raise TypeError("the tokenizer must return a [n, context_length] id tensor")
-        eot = token_ids.argmax(dim=-1)
-        bad = [c for c, e, want in zip(classnames, eot.tolist(), expected_eot) if e != want]
-        if bad:
-            raise ValueError(
-                f"class name {bad[0]!r} tokenizes differently alone and inside its prompt, so the "
-                "context positions are unknown; simplify the name (plain words)"
-            )
+        eot_id = getattr(self.tokenizer, "eot_token_id", None)
+        eot = (
+            token_ids.argmax(dim=-1)
+            if eot_id is None
+            else (token_ids == eot_id).int().argmax(dim=-1)
+        )
+        placeholder = _encode(self.tokenizer, PLACEHOLDER)
+        for name, ids, positions in zip(classnames, token_ids, slots, strict=True):
+            if len(placeholder) != 1 or not bool((ids[positions] == placeholder[0]).all()):
+                raise ValueError(
+                    f"class name {name!r} tokenizes differently alone and inside its prompt, "
+                    "so the context positions are unknown; simplify the name (plain words)"
+                )
         length = int(eot.max()) + 1
         token_ids = token_ids[:, :length]
         slot = torch.zeros(len(classnames), length, dtype=torch.long)
@@ -205,7 +211,8 @@ class PromptLearner(nn.Module):
         fixed = self.fixed_embeds if fixed is None else fixed
         if fixed is None:
             raise RuntimeError(
-                "PromptLearner has no token embeddings yet: call set_token_embedding(model.token_embedding) "
+                "PromptLearner has no token embeddings yet: call "
+                "set_token_embedding(model.token_embedding) "
                 "(for a quantized student, after it is calibrated)"
             )
         ctx = self.ctx if self.class_specific else self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
@@ -218,7 +225,8 @@ class PromptLearner(nn.Module):
         if key in state_dict and state_dict[key].shape != self.ctx.shape:
             raise ValueError(
                 f"learned context has shape {tuple(state_dict[key].shape)} but this prompt learner "
-                f"expects {tuple(self.ctx.shape)} (n_ctx={self.n_ctx}, class_specific={self.class_specific}, "
+                f"expects {tuple(self.ctx.shape)} (n_ctx={self.n_ctx}, "
+                f"class_specific={self.class_specific}, "
                 f"{self.n_cls} classes); match n_ctx/ctx_init and class_specific to the checkpoint"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -127,7 +127,8 @@ def load_metadata(module: P4QModule, checkpoint: Mapping[str, Any]) -> None:
         if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
             hp = module.hparams
             raise ValueError(
-                f"this checkpoint was trained on other CLIP weights than model_name={hp.model_name!r}, "
+                "this checkpoint was trained on other CLIP weights than "
+                f"model_name={hp.model_name!r}, "
                 f"pretrained={hp.pretrained!r} (init_seed={hp.init_seed}) build now (fingerprint "
                 f"{saved:.6g} vs {now:.6g}); point `pretrained` at the original weights"
             )

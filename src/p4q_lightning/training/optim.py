@@ -27,8 +27,14 @@ class PromptAdapterOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[dict[str, Any]]) -> None:
         defaults = dict(
-            algorithm="sgd", lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
-            weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+            algorithm="sgd",
+            lr=1e-3,
+            momentum=0.0,
+            dampening=0.0,
+            nesterov=False,
+            weight_decay=0.0,
+            betas=(0.9, 0.999),
+            eps=1e-8,
         )
         super().__init__(list(params), defaults)
         for group in self.param_groups:
@@ -63,7 +69,9 @@ def _sgd(p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict
     p.add_(grad, alpha=-group["lr"])
 
 
-def _adamw(p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+def _adamw(
+    p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
+) -> None:
     if not state:
         state["step"] = torch.zeros((), dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(p)
@@ -83,7 +91,9 @@ class WarmupCosine:
     """LR factor per step: ``warmup_factor`` for ``warmup_steps``, then cosine to 0 at
     ``total_steps``. Plain attributes only, so the scheduler's state dict stays primitive."""
 
-    def __init__(self, warmup_factor: float = 1.0, warmup_steps: int = 0, total_steps: int = 0) -> None:
+    def __init__(
+        self, warmup_factor: float = 1.0, warmup_steps: int = 0, total_steps: int = 0
+    ) -> None:
         self.warmup_factor = warmup_factor
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
@@ -105,15 +115,23 @@ def param_groups(module: P4QModule) -> list[dict[str, Any]]:
     if module.prompt_learner is not None:
         groups.append(
             dict(
-                name="prompt", algorithm="sgd", params=[module.prompt_learner.ctx], lr=hp.prompt_lr,
-                momentum=hp.prompt_momentum, weight_decay=hp.prompt_weight_decay,
+                name="prompt",
+                algorithm="sgd",
+                params=[module.prompt_learner.ctx],
+                lr=hp.prompt_lr,
+                momentum=hp.prompt_momentum,
+                weight_decay=hp.prompt_weight_decay,
             )
         )
     if module.adapter is not None:
         groups.append(
             dict(
-                name="adapter", algorithm="adamw", params=list(module.adapter.parameters()),
-                lr=hp.adapter_lr, eps=hp.adapter_eps, weight_decay=hp.adapter_weight_decay,
+                name="adapter",
+                algorithm="adamw",
+                params=list(module.adapter.parameters()),
+                lr=hp.adapter_lr,
+                eps=hp.adapter_eps,
+                weight_decay=hp.adapter_weight_decay,
             )
         )
     return groups
@@ -127,7 +145,8 @@ def configure(module: P4QModule) -> dict[str, Any]:
     optimizer = PromptAdapterOptimizer(groups)
     hp = module.hparams
     lambdas = [
-        WarmupCosine(hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0) for g in groups
+        WarmupCosine(hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0)
+        for g in groups
     ]
     scheduler = LambdaLR(optimizer, lambdas)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -138,9 +157,13 @@ def finalize_schedules(module: P4QModule) -> None:
     trainer = module.trainer
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
-        raise ValueError("the cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+        raise ValueError(
+            "the cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
+        )
     per_epoch = trainer.num_training_batches
-    per_epoch = per_epoch / max(1, trainer.accumulate_grad_batches) if math.isfinite(per_epoch) else 0
+    per_epoch = (
+        per_epoch / max(1, trainer.accumulate_grad_batches) if math.isfinite(per_epoch) else 0
+    )
     warmup = int(round(module.hparams.warmup_epochs * per_epoch))
     for config in trainer.lr_scheduler_configs:
         sched = config.scheduler
