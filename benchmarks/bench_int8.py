@@ -67,17 +67,22 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.inference_mode():
         text = F.normalize(student.encode_text(tokenizer(prompts)), dim=-1)
+        text_fp = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
     images = smooth_images(args.eval_images, size, g)
-    agree, cos, rel = 0, [], []
+    agree, agree_fp, cos, rel = 0, 0, [], []
     with torch.inference_mode():
         for chunk in images.split(args.batch):
             fq, i8 = student.encode_image(chunk), int8.encode_image(chunk)
+            fp = model.encode_image(chunk)
             agree += int(
                 (F.normalize(fq, dim=-1) @ text.t())
                 .argmax(1)
                 .eq((F.normalize(i8, dim=-1) @ text.t()).argmax(1))
                 .sum()
             )
+            fq_top = (F.normalize(fq, dim=-1) @ text.t()).argmax(1)
+            fp_top = (F.normalize(fp, dim=-1) @ text_fp.t()).argmax(1)
+            agree_fp += int(fq_top.eq(fp_top).sum())
             cos.append(F.cosine_similarity(fq, i8, dim=-1).min())
             rel.append((fq - i8).norm() / fq.norm())
     x = images[: args.batch]
@@ -109,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\ntop-1 agreement int8 vs fake-quant over {args.classes} classes: "
         f"{agree / len(images):.2%} ({agree}/{len(images)} images); min feature cosine "
         f"{float(min(cos)):.6f}; relative feature error {float(max(rel)):.2e}\n"
+    )
+    out.write(
+        f"for scale: top-1 agreement fake-quant vs float32 (its own text tower): "
+        f"{agree_fp / len(images):.2%}\n"
     )
     return 0
 
