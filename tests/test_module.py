@@ -250,3 +250,59 @@ def test_validate_then_fit_in_one_process(world, tmp_path):
     t.fit(module, dm)
     assert t.global_step == 4
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_cache_on_disk_is_reused(world, tmp_path, caplog):
+    import logging
+
+    seed_everything(0)
+    dm = make_dm(world)
+    cache_dir = tmp_path / "features"
+    for _ in range(2):
+        module = make_module(world, feature_cache_dir=str(cache_dir))
+        with caplog.at_level(logging.INFO, logger="p4q_lightning"):
+            trainer(tmp_path, max_epochs=1).fit(module, dm)
+    files = list(cache_dir.glob("features-*.pt"))
+    assert len(files) == 1
+    assert any("loaded cached image features" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_vit_b32_checkpoint_is_a_few_megabytes():
+    import io
+
+    import open_clip
+
+    module = P4QModule(
+        "ViT-B-32-quickgelu",
+        None,
+        quant="w8a8",
+        classnames=list(open_clip.IMAGENET_CLASSNAMES[:10]),
+    )
+    module.calibrate([torch.randn(4, 3, 224, 224)], progress=False)
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    assert buf.tell() < 8 * 2**20  # vs ~577 MB for the float32 state dict
+
+
+def test_with_the_real_few_shot_datamodule_on_an_image_folder(world, tmp_path):
+    data = pytest.importorskip("p4q_lightning.data")
+    if not hasattr(data, "FewShotDataModule"):
+        pytest.skip("FewShotDataModule not available")
+    seed_everything(0)
+    dm = data.FewShotDataModule(
+        dataset=str(world["data"]),
+        shots=4,
+        seed=1,
+        batch_size=8,
+        num_workers=0,
+        image_size=32,
+        calib_images=16,
+        split_dir=str(tmp_path / "splits"),
+    )
+    module = make_module(world)
+    trainer(tmp_path, max_epochs=1).fit(module, dm)
+    assert module.classnames == dm.classnames and module.templates == dm.templates
+    assert not module.needs_calibration
+    result = trainer(tmp_path).test(module, dm, verbose=False)[0]
+    assert 0.0 <= result["test/top1"] <= 1.0

@@ -48,7 +48,6 @@ def _log_to_console() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
-        pkg.propagate = False
 
 
 def _dispatch(name: str, argv: list[str]) -> int | None:

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from p4q_lightning.losses import cosine_logits, p4q_loss
 from p4q_lightning.model.adapter import LowBitAdapter
 from p4q_lightning.model.build import build_teacher, image_feature_dim
+from p4q_lightning.model.classifier import P4QClassifierMixin
 from p4q_lightning.model.prompt_learner import PromptLearner
-from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
-from p4q_lightning.quant import calibrate as calibrate_student
+from p4q_lightning.model.text_encoder import TextTower
 from p4q_lightning.quant import get_spec, is_calibrated, quantize
 from p4q_lightning.training import checkpointing, optim
 from p4q_lightning.training.feature_source import TrainFeatureSource
@@ -37,8 +36,11 @@ QUANTIZED = ("p4q", "ptq")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
-class P4QModule(LightningModule):
+class P4QModule(P4QClassifierMixin, LightningModule):
     """P4Q on an open_clip CLIP, or one of its baselines, selected by ``method``.
+
+    Features, logits and calibration come from :class:`P4QClassifierMixin`; this class is the
+    Lightning glue (setup, steps, metrics, optimisers, checkpoints).
 
     Args:
         model_name: open_clip model name (``ViT-B-32-quickgelu`` for the OpenAI weights).
@@ -239,142 +241,6 @@ class P4QModule(LightningModule):
                 f"only prompt and adapter parameters may train, but these require grad: {wrong[:5]}"
             )
 
-    # ------------------------------------------------------------------ calibration
-    @property
-    def needs_calibration(self) -> bool:
-        """True while the student or the adapter has quantizers without ranges."""
-        adapter_ready = self.adapter is None or self.adapter.is_calibrated
-        return not (is_calibrated(self.student) and adapter_ready)
-
-    def calibration_texts(
-        self, max_texts: int | None = None, batch_size: int = 256
-    ) -> list[torch.Tensor]:
-        """Token batches of every class name in every template (the official calibration texts)."""
-        texts = [t.format(c.replace("_", " ")) for c in self.classnames for t in self.templates]
-        if max_texts is not None and len(texts) > max_texts:
-            step = len(texts) / max_texts
-            texts = [texts[int(i * step)] for i in range(max_texts)]
-        return [self.tokenizer(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-
-    def calibrate(
-        self,
-        images: Iterable[Any] | torch.Tensor,
-        texts: Iterable[torch.Tensor] | torch.Tensor | None = None,
-        progress: bool = True,
-        adapter_batches: int = 8,
-    ) -> dict[str, dict[str, float]]:
-        """Calibrate the student (activation ranges, weights onto the grid), then initialise the
-        adapter's input ranges from the student's features of the same images."""
-        # Normal tensors even when a Trainer calls this inside an inference-mode evaluation,
-        # so the calibrated buffers remain usable by a later fit.
-        with torch.inference_mode(False), torch.no_grad():
-            return self._calibrate(images, texts, progress, adapter_batches)
-
-    def _calibrate(
-        self,
-        images: Iterable[Any] | torch.Tensor,
-        texts: Iterable[torch.Tensor] | torch.Tensor | None,
-        progress: bool,
-        adapter_batches: int,
-    ) -> dict[str, dict[str, float]]:
-        if (
-            isinstance(images, Iterable)
-            and not isinstance(images, torch.Tensor)
-            and iter(images) is images
-        ):
-            images = list(images)  # a one-shot iterator is needed twice
-        stats: dict[str, dict[str, float]] = {}
-        if not is_calibrated(self.student):
-            if texts is None:
-                texts = self.calibration_texts()
-            stats = calibrate_student(self.student, images=images, texts=texts, progress=progress)
-        if self.prompt_learner is not None:
-            self.prompt_learner.set_token_embedding(TextTower(self.student).token_embedding)
-        if self.adapter is not None and not self.adapter.is_calibrated:
-            self.adapter.calibrate(
-                self._student_features(x) for x in _take(images, adapter_batches)
-            )
-        self._invalidate_text()
-        return stats
-
-    # ------------------------------------------------------------------ features and logits
-    @property
-    def logit_scale(self) -> float:
-        """The cosine-logit scale: ``logit_scale`` if set, else the model's learned scale."""
-        if self.hparams.logit_scale is not None:
-            return float(self.hparams.logit_scale)
-        return float(self.teacher.logit_scale.detach().exp())
-
-    @torch.no_grad()
-    def _student_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.student.encode_image(images.to(self.device)).float()
-
-    @torch.no_grad()
-    def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher.encode_image(images.to(self.device)).float()
-
-    def _adapt(self, features: torch.Tensor) -> torch.Tensor:
-        return self.adapter(features) if self.adapter is not None else features
-
-    def student_text_features(self) -> torch.Tensor:
-        """The student's normalised class embeddings [n_cls, D]: the learned prompt through the
-        (quantized) text tower for p4q/coop, the template classifier for ptq/zeroshot."""
-        if self.method == "ptq":
-            if self._student_template_text is None:
-                self._student_template_text = self._templates(self.student)
-            return self._student_template_text
-        if self.method == "zeroshot":
-            return self.teacher_text_features()
-        assert self.prompt_learner is not None, "set_classes() first"
-        hp = self.hparams
-        features = encode_prompts(
-            self.student,
-            self.prompt_learner(),
-            self.prompt_learner.eot_index,
-            hp.text_chunk_size,
-            hp.text_checkpointing,
-        )
-        return F.normalize(features.float(), dim=-1)
-
-    @torch.no_grad()
-    def teacher_text_features(self) -> torch.Tensor:
-        """The float teacher's normalised class embeddings [n_cls, D] (templates, cached once;
-        or, with ``teacher_text: prompt``, the learned prompt through the float tower)."""
-        if self.hparams.teacher_text == "prompt" and self.prompt_learner is not None:
-            fixed = self.prompt_learner.embed_fixed(TextTower(self.teacher).token_embedding)
-            prompts = self.prompt_learner(fixed)
-            features = encode_prompts(
-                self.teacher, prompts, self.prompt_learner.eot_index, self.hparams.text_chunk_size
-            )
-            return F.normalize(features.float(), dim=-1)
-        if self._teacher_text is None:
-            self._teacher_text = self._templates(self.teacher)
-        return self._teacher_text
-
-    def _templates(self, model: nn.Module) -> torch.Tensor:
-        if not self.classnames:
-            raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
-        with torch.inference_mode(False):  # a cache, reused by training steps
-            return template_text_features(
-                model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
-            )
-
-    def student_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
-        text = self._eval_text if self._eval_text is not None else self.student_text_features()
-        return cosine_logits(self._adapt(self._student_features(images)), text, self.logit_scale)
-
-    @torch.no_grad()
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Float teacher logits [B, n_cls] with its classifier (``teacher_text``)."""
-        return cosine_logits(
-            self._teacher_features(images), self.teacher_text_features(), self.logit_scale
-        )
-
-    def _invalidate_text(self) -> None:
-        self._eval_text = None
-        self._student_template_text = None
-
     # ------------------------------------------------------------------ training
     @property
     def distills(self) -> bool:
@@ -521,13 +387,3 @@ class P4QModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpointing.load_metadata(self, checkpoint)
-
-
-def _take(images: Iterable[Any] | torch.Tensor, n: int) -> Iterable[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        yield images
-        return
-    for i, batch in enumerate(images):
-        if i >= n:
-            return
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch

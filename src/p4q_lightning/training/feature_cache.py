@@ -75,6 +75,7 @@ def build_feature_cache(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> FeatureCache:
     """Encode ``views`` augmented passes over ``dataset`` (items ``(image, label, ...)``).
 
@@ -93,6 +94,7 @@ def build_feature_cache(
             shuffle=False,
             num_workers=num_workers,
             generator=generator,
+            collate_fn=collate_fn,
         )
         outs: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
         view_labels = []

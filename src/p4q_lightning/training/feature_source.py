@@ -118,6 +118,7 @@ class TrainFeatureSource:
                 num_workers=reference.num_workers,
                 seed=seed,
                 device=module.device,
+                collate_fn=reference.collate_fn,
                 progress=module.trainer.is_global_zero
                 and module.trainer.progress_bar_callback is not None,
             )
