@@ -5,12 +5,13 @@ and activation checkpointing.
         [--classes 1000] [--chunk 250] [--measure 100]
 
 Counts, device-independently, the bytes autograd keeps for the backward pass
-(``saved_tensors_hooks``, unique storages) while the learned prompts of every class run through
-the quantized student's text tower: all classes at once; with ``--chunk`` classes per
-checkpointed chunk (only chunk inputs are kept; the backward recomputes one chunk at a time, so
-its peak adds one chunk's activations). Kept bytes grow linearly with the class count, so they
-are measured on ``--measure`` classes (chunks scaled alike) and scaled to ``--classes``, which
-keeps the script runnable on a CPU. Prints a markdown table.
+(``saved_tensors_hooks``, unique storages, not counting the frozen weights) while the learned
+prompts of every class run through the quantized student's text tower: all classes at once;
+with ``--chunk`` classes per checkpointed chunk (only chunk inputs are kept; the backward
+recomputes one chunk at a time, so its peak adds one chunk's activations). Kept bytes grow
+linearly with the class count, so they are measured on ``--measure`` classes (chunks scaled
+alike) and scaled to ``--classes``, which keeps the script runnable on a CPU. Prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from p4q_lightning.model.text_encoder import encode_prompts
 from p4q_lightning.module import P4QModule
 
 
-def saved_bytes(fn) -> int:  # type: ignore[no-untyped-def]
+def saved_bytes(fn, exclude: set[int]) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of the unique storages saved for backward, except ``exclude`` (the weights)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -53,6 +56,7 @@ def main() -> None:
     module = P4QModule(args.model, None, quant=args.preset, classnames=names)
     module.calibrate([torch.randn(2, 3, 224, 224)], progress=False)
     pl = module.prompt_learner
+    weights = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
 
     def run(n: int, chunk: int | None, ckpt: bool):  # type: ignore[no-untyped-def]
         # clone: the measured slice must not share storage with all classes' prompts
@@ -63,9 +67,11 @@ def main() -> None:
     n = min(args.measure, args.classes)
     scale = args.classes / n
     chunk = max(1, round(args.chunk / scale))
-    full = saved_bytes(run(n, None, False)) * scale
-    one_chunk = saved_bytes(run(chunk, None, False)) * args.chunk / chunk
-    inputs = saved_bytes(run(n, chunk, True)) * scale  # the chunks' inputs (prompt embeddings)
+    full = saved_bytes(run(n, None, False), weights) * scale
+    one_chunk = saved_bytes(run(chunk, None, False), weights) * args.chunk / chunk
+    inputs = (
+        saved_bytes(run(n, chunk, True), weights) * scale
+    )  # the chunks' inputs (prompt embeddings)
     mb = 2**20
     print(
         f"| {args.model} {args.preset}, {args.classes} classes, seq len {pl.seq_len} "

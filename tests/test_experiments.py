@@ -59,7 +59,9 @@ def test_config_parses_and_instantiates_with_a_tiny_model(path, world, tmp_path,
     monkeypatch.chdir(tmp_path)
     original = yaml.safe_load(path.read_text())
     model_args = original["model"]
-    assert model_args["model_name"] == "ViT-B-32-quickgelu" and model_args["pretrained"] == "openai"
+    if path.name.startswith("vitb32"):
+        assert model_args["model_name"] == "ViT-B-32-quickgelu"
+        assert model_args["pretrained"] == "openai"
 
     config = copy.deepcopy(original)
     config["model"].update(

@@ -163,6 +163,15 @@ def test_trainer_restores_into_a_fresh_module(world, fitted, tmp_path):
     assert t.global_step == 8
 
 
+def test_learned_prompt_transfers_to_another_class_list(fitted):
+    module, path, dm = fitted
+    restored = P4QModule.load_from_checkpoint(path).eval()
+    restored.set_classes(["purple star", "orange ring", "red circle"])
+    images = next(iter(dm.val_dataloader()))[0]
+    assert restored.student_logits(images).shape == (images.shape[0], 3)
+    assert torch.equal(restored.prompt_learner.ctx, module.prompt_learner.ctx)
+
+
 def test_checkpoint_of_other_weights_is_refused(world, fitted):
     _, path, _ = fitted
     with pytest.raises(ValueError, match="other CLIP weights"):
@@ -244,7 +253,7 @@ def test_validate_then_fit_in_one_process(world, tmp_path):
     """Calibration inside an inference-mode evaluation must not poison a later fit."""
     seed_everything(0)
     dm = make_dm(world)
-    module = make_module(world, feature_views=0, teacher_text="prompt")
+    module = make_module(world, feature_views=0, teacher_text="prompt", distill_kind="official")
     trainer(tmp_path).validate(module, dm, verbose=False)
     t = trainer(tmp_path, max_epochs=1)
     t.fit(module, dm)

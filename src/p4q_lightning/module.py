@@ -187,13 +187,11 @@ class P4QModule(P4QClassifierMixin, LightningModule):
 
     def _build_metrics(self, num_classes: int) -> None:
         k5 = min(5, num_classes)
+        device = self.teacher.logit_scale.device  # may be rebuilt after the move to a GPU
         for stage in ("val", "test"):
-            setattr(
-                self, f"{stage}_top1", MulticlassAccuracy(num_classes, top_k=1, average="micro")
-            )
-            setattr(
-                self, f"{stage}_top5", MulticlassAccuracy(num_classes, top_k=k5, average="micro")
-            )
+            for name, k in (("top1", 1), ("top5", k5)):
+                metric = MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device)
+                setattr(self, f"{stage}_{name}", metric)
 
     def _classes_from_datamodule(self) -> tuple[list[str] | None, list[str] | None]:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

@@ -103,6 +103,9 @@ class TrainFeatureSource:
         hp = module.hparams
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's; the same on every rank
         views = int(hp.feature_views)
+        max_epochs = module.trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs < views:
+            views = max_epochs  # each image is seen max_epochs times: more views go unused
 
         def build() -> FeatureCache:
             log.info(
