@@ -1,0 +1,289 @@
+"""``FewShotDataModule``: CoOp few-shot splits of a hub dataset, a folder or the synthetic world."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import lightning as L
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader, Dataset
+
+from p4q_lightning.data.cache import cache_dir
+from p4q_lightning.data.datasets import MemoryDataset, SourceDataset, collate_skip_none, decode_all
+from p4q_lightning.data.fewshot import (
+    make_split,
+    read_split,
+    resolve_indices,
+    split_path,
+    write_split,
+)
+from p4q_lightning.data.hub import HubSource, is_saved_dataset
+from p4q_lightning.data.sources import FolderSource, ImageSource, SyntheticSource
+from p4q_lightning.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+
+
+def _global_rank() -> int:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Few-shot train/val splits (CoOp protocol) and the full test split of one dataset.
+
+    Args:
+        dataset: a Hugging Face hub id (``ILSVRC/imagenet-1k``, ``uoft-cs/cifar10``,
+            ``uoft-cs/cifar100``) or builder (``imagefolder`` with ``data_dir``); a local image
+            folder (ImageNet layout ``train/<wnid>/`` + ``val/<wnid>/``, or ``<class>/`` folders);
+            a folder written by ``save_to_disk``; or ``synthetic[:<world_seed>]``.
+        shots, seed: images per class and the sampling seed (CoOp: 1/2/4/8/16, seeds 1-3).
+        batch_size, eval_batch_size: loader batch sizes (eval defaults to ``batch_size``).
+        num_workers, pin_memory, persistent_workers: DataLoader settings (``pin_memory=None``:
+            on when CUDA is available).
+        image_size: model input side (None: 224, or the synthetic world's 32).
+        mean, std: normalisation (OpenAI CLIP's by default, as open_clip uses).
+        crop_scale, hflip, train_augment: CoOp's train augmentation (None scale: (0.08, 1),
+            or (0.5, 1) for the 32-pixel synthetic world, whose objects a tiny crop would miss).
+        calib_images: how many seeded train-split images ``calibration_dataloader`` serves.
+        split_dir: where split files go (default ``$P4Q_CACHE_DIR/splits``).
+        skip_corrupt: skip unreadable images (counted and logged) instead of failing.
+        expected_num_classes: fail early when the dataset has a different number of classes.
+        classnames, templates: override the dataset's class names / prompt templates.
+        in_memory: decode the few-shot train/val images once and keep them in memory.
+        cache_shorter_side: in-memory images are downscaled to this shorter side (None:
+            ``image_size * 8 / 7``, i.e. 256 for 224) to bound memory.
+        data_dir, hf_config, image_column, label_column, train_split, val_split, test_split,
+            hf_cache_dir: passed to the Hugging Face loader (all detected when None).
+        world_seed, synthetic_train_per_class, synthetic_test_per_class: the synthetic world.
+    """
+
+    def __init__(
+        self,
+        dataset: str = SYNTHETIC,
+        shots: int = 16,
+        seed: int = 1,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
+        std: tuple[float, float, float] = OPENAI_DATASET_STD,
+        crop_scale: tuple[float, float] | None = None,
+        hflip: bool = True,
+        train_augment: bool = True,
+        calib_images: int = 1024,
+        split_dir: str | None = None,
+        skip_corrupt: bool = False,
+        expected_num_classes: int | None = None,
+        classnames: list[str] | None = None,
+        templates: list[str] | None = None,
+        in_memory: bool = True,
+        cache_shorter_side: int | None = None,
+        data_dir: str | None = None,
+        hf_config: str | None = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        test_split: str | None = None,
+        hf_cache_dir: str | None = None,
+        world_seed: int = 0,
+        synthetic_train_per_class: int = 64,
+        synthetic_test_per_class: int = 50,
+    ):
+        super().__init__()
+        if shots < 1:
+            raise ValueError(f"shots={shots}: use a positive number of images per class")
+        if batch_size < 1 or calib_images < 0:
+            raise ValueError("batch_size must be positive and calib_images non-negative")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.shots, self.seed = shots, seed
+        self.synthetic = dataset == SYNTHETIC or dataset.startswith(SYNTHETIC + ":")
+        if self.synthetic and ":" in dataset:
+            try:
+                world_seed = int(dataset.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(
+                    f"dataset={dataset!r}: use 'synthetic' or 'synthetic:<world_seed>'"
+                ) from None
+        self.world_seed = world_seed
+        self.image_size = image_size or (32 if self.synthetic else 224)
+        default_scale = (0.5, 1.0) if self.synthetic else (0.08, 1.0)
+        self.crop_scale = tuple(crop_scale) if crop_scale else default_scale
+        self.split_dir = split_dir
+        self.classnames: list[str] = []
+        self.templates: list[str] = []
+        self.num_classes = 0
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self.split: dict[str, Any] | None = None
+        self.skipped: list[str] = []
+        self._source: ImageSource | None = None
+
+    # ------------------------------------------------------------------ sources and splits
+    @property
+    def source(self) -> ImageSource:
+        """The opened dataset (opened once, on first use)."""
+        if self._source is None:
+            self._source = self._open_source()
+            self._set_classes(self._source)
+        return self._source
+
+    def _open_source(self) -> ImageSource:
+        hp = self.hparams
+        if self.synthetic:
+            return SyntheticSource(self.world_seed, hp.synthetic_train_per_class,
+                                   hp.synthetic_test_per_class)
+        path = os.path.expanduser(self.dataset)
+        if is_saved_dataset(path):
+            return self._hub_source()
+        if not os.path.exists(path):
+            # A hub id is "name" or "owner/name"; anything else that is missing is a bad path.
+            d = self.dataset
+            if d.startswith((".", "/", "~")) or d.count("/") > 1 or "\\" in d:
+                raise FileNotFoundError(
+                    f"dataset path {d!r} does not exist; pass an existing image folder, a saved "
+                    "dataset, a hub id such as uoft-cs/cifar10, or 'synthetic'"
+                )
+            return self._hub_source()
+        return FolderSource(path)
+
+    def _hub_source(self) -> HubSource:
+        hp = self.hparams
+        return HubSource(self.dataset, hp.data_dir, hp.hf_config, hp.image_column, hp.label_column,
+                         hp.train_split, hp.val_split, hp.test_split, hp.hf_cache_dir)
+
+    def _set_classes(self, source: ImageSource) -> None:
+        hp = self.hparams
+        names = list(hp.classnames) if hp.classnames else list(source.classnames)
+        if len(names) != len(source.classnames):
+            raise ValueError(f"classnames has {len(names)} entries but {source.name} has "
+                             f"{len(source.classnames)} classes")
+        if hp.expected_num_classes is not None and len(names) != hp.expected_num_classes:
+            raise ValueError(
+                f"{source.name} has {len(names)} classes but expected_num_classes="
+                f"{hp.expected_num_classes}: check the dataset path/split (e.g. a partial copy "
+                "or the wrong folder level), or fix expected_num_classes"
+            )
+        templates = list(hp.templates) if hp.templates else list(source.templates)
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"templates must contain exactly one '{{}}': {bad[:3]}")
+        self.classnames, self.templates, self.num_classes = names, templates, len(names)
+
+    @property
+    def split_file(self):
+        """Path of the JSON split file for (dataset, shots, seed)."""
+        root = self.split_dir or cache_dir() / "splits"
+        return split_path(root, self.source.split_key, self.shots, self.seed)
+
+    def prepare_data(self) -> None:
+        """Download/prepare the dataset and write the split file once (local rank 0)."""
+        path = self.split_file
+        if not path.is_file():
+            write_split(path, make_split(self.source, self.shots, self.seed))
+            log.info("wrote few-shot split %s", path)
+
+    def _load_split(self) -> dict[str, Any]:
+        path = self.split_file
+        if path.is_file():
+            return read_split(path, self.source, self.shots, self.seed)
+        split = make_split(self.source, self.shots, self.seed)  # deterministic on every rank
+        if _global_rank() == 0:
+            write_split(path, split)
+        return split
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of ``stage``: few-shot train (fit), few-shot val (fit/validate),
+        the full evaluation split (test/predict); None builds all."""
+        source, hp = self.source, self.hparams
+        if self.split is None:
+            self.split = self._load_split()
+        ev = eval_transform(self.image_size, hp.mean, hp.std)
+        if stage in (None, "fit") and self.train_dataset is None:
+            tr = train_transform(self.image_size, hp.mean, hp.std, self.crop_scale, hp.hflip,
+                                 hp.train_augment)
+            self.train_dataset = self._few_shot_dataset("train", self.split["train"], tr)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._few_shot_dataset(self.split["val_from"], self.split["val"], ev)
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            split, indices = self._test_items()
+            self.test_dataset = SourceDataset(source, split, indices, ev,
+                                              skip_corrupt=hp.skip_corrupt)
+
+    def _few_shot_dataset(self, split: str, keys: list[Any], transform) -> Dataset:
+        source, hp = self.source, self.hparams
+        indices = resolve_indices(source, split, keys)
+        if not hp.in_memory:
+            return SourceDataset(source, split, indices, transform, skip_corrupt=hp.skip_corrupt)
+        side = hp.cache_shorter_side or (self.image_size * 8 + 6) // 7
+        images, labels, skipped = decode_all(source, split, indices, hp.skip_corrupt, side,
+                                             threads=max(1, hp.num_workers))
+        self.skipped.extend(skipped)
+        return MemoryDataset(images, labels, transform)
+
+    def _test_items(self) -> tuple[str, list[int]]:
+        source = self.source
+        if "test" in source.splits():
+            return "test", list(range(len(source.labels("test"))))
+        assert self.split is not None
+        used = set(resolve_indices(source, "train", self.split["train"]))
+        if self.split["val_from"] == "train":
+            used |= set(resolve_indices(source, "train", self.split["val"]))
+        log.info("%s has no test split: testing on the %d train items outside the few-shot split",
+                 source.name, len(source.labels("train")) - len(used))
+        return "train", [i for i in range(len(source.labels("train"))) if i not in used]
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset | None, shuffle: bool,
+                batch_size: int | None = None) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() for this stage before asking for its dataloader")
+        hp = self.hparams
+        workers = hp.num_workers
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        return DataLoader(
+            dataset, batch_size=batch_size or hp.batch_size, shuffle=shuffle, num_workers=workers,
+            pin_memory=pin, persistent_workers=hp.persistent_workers and workers > 0,
+            collate_fn=collate_skip_none,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, False, self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False, self.hparams.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def calibration_dataloader(self, num_images: int | None = None) -> DataLoader:
+        """``calib_images`` train-split images for PTQ calibration: seeded, eval transform,
+        every other image flipped (labels included but not needed)."""
+        source, hp = self.source, self.hparams
+        n_total = len(source.labels("train"))
+        n = min(hp.calib_images if num_images is None else num_images, n_total)
+        indices = sorted(random.Random(f"calib-{self.seed}").sample(range(n_total), n))
+        transform = eval_transform(self.image_size, hp.mean, hp.std)
+        ds = SourceDataset(source, "train", indices, transform,
+                           skip_corrupt=hp.skip_corrupt, flip_odd=hp.hflip)
+        hp_workers = hp.num_workers
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        return DataLoader(ds, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
+                          num_workers=hp_workers, pin_memory=pin, collate_fn=collate_skip_none)
