@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from p4q_lightning.model.build import weight_fingerprint
@@ -135,6 +134,3 @@ def load_metadata(module: P4QModule, checkpoint: Mapping[str, Any]) -> None:
     if meta.get("classnames") and not module.classnames:
         module.set_classes(meta["classnames"], meta.get("templates"))
 
-
-def frozen_parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if not p.requires_grad)
