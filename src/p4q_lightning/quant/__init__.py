@@ -11,7 +11,12 @@ from p4q_lightning.quant.convert import (
     text_tower_parts,
     vision_tower,
 )
-from p4q_lightning.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
+from p4q_lightning.quant.modules import (
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    QuantMultiheadAttention,
+)
 from p4q_lightning.quant.quantizer import (
     ActivationQuantizer,
     Log2Quantizer,

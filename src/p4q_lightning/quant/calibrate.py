@@ -63,7 +63,9 @@ def calibrate(
         ):
             if tower not in towers_needing_data:
                 continue
-            for batch in tqdm(_batches(data), desc=f"calibrating {tower}", disable=not progress, leave=False):
+            for batch in tqdm(
+                _batches(data), desc=f"calibrating {tower}", disable=not progress, leave=False
+            ):
                 encode(batch.to(device))
                 seen[tower] += int(batch.shape[0])
         missing = sorted(t for t in towers_needing_data if seen[t] == 0)
@@ -71,7 +73,9 @@ def calibrate(
             arg = {"vision": "images", "text": "texts"}
             raise ValueError(
                 "calibrating with no data: the "
-                + " and ".join(f"{t} tower has quantized activations but `{arg[t]}=` is empty" for t in missing)
+                + " and ".join(
+                    f"{t} tower has quantized activations but `{arg[t]}=` is empty" for t in missing
+                )
                 + "; pass a few batches (e.g. 1,024 training images and the class prompts)"
             )
     except BaseException:
@@ -87,12 +91,17 @@ def calibrate(
         stats[name] = dict(q.last_stats)
     log.info(
         "calibrated %d activation quantizers on %d images and %d texts in %.1f s",
-        len(act), seen["vision"], seen["text"], time.perf_counter() - start,
+        len(act),
+        seen["vision"],
+        seen["text"],
+        time.perf_counter() - start,
     )
     return stats
 
 
-def group_statistics(stats: dict[str, dict[str, float]], model: nn.Module) -> dict[str, dict[str, float]]:
+def group_statistics(
+    stats: dict[str, dict[str, float]], model: nn.Module
+) -> dict[str, dict[str, float]]:
     """Average per-quantizer statistics by layer group (e.g. ``vision.mlp_fc``)."""
     group_of = {}
     for name, module in quant_modules(model):

@@ -8,7 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from p4q_lightning.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantMultiheadAttention
+from p4q_lightning.quant.modules import (
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    QuantMultiheadAttention,
+)
 from p4q_lightning.quant.quantizer import ActivationQuantizer, Log2Quantizer, WeightQuantizer
 from p4q_lightning.quant.spec import QuantSpec, get_spec
 
@@ -51,7 +56,9 @@ def _quantize_transformer(transformer: nn.Module, spec: QuantSpec, tower: str) -
             spec[f"{tower}.attn_out"],
             tower,
         )
-        block.mlp.c_fc = QuantLinear.from_float(block.mlp.c_fc, spec[f"{tower}.mlp_fc"], f"{tower}.mlp_fc")
+        block.mlp.c_fc = QuantLinear.from_float(
+            block.mlp.c_fc, spec[f"{tower}.mlp_fc"], f"{tower}.mlp_fc"
+        )
         block.mlp.c_proj = QuantLinear.from_float(
             block.mlp.c_proj, spec[f"{tower}.mlp_proj"], f"{tower}.mlp_proj"
         )
@@ -103,7 +110,10 @@ def quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(qualified name, quantizer) of every enabled quantizer."""
     for name, module in model.named_modules():
-        if isinstance(module, (ActivationQuantizer, WeightQuantizer, Log2Quantizer)) and module.enabled:
+        if (
+            isinstance(module, (ActivationQuantizer, WeightQuantizer, Log2Quantizer))
+            and module.enabled
+        ):
             yield name, module
 
 

@@ -9,11 +9,18 @@ on the grid, so no forward pass re-quantizes a frozen weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p4q_lightning.quant.quantizer import ActivationQuantizer, Log2Quantizer, WeightQuantizer
+from p4q_lightning.quant.quantizer import (
+    ActivationQuantizer,
+    CachedBufferState,
+    Log2Quantizer,
+    WeightQuantizer,
+)
 from p4q_lightning.quant.spec import GroupSpec
 
 
@@ -28,6 +35,8 @@ class QuantizedWeightMixin:
 
     weight: nn.Parameter
     weight_quantizer: WeightQuantizer
+    weights_frozen: torch.Tensor
+    buffer_flag: Callable[[str], bool]
 
     @torch.no_grad()
     def freeze_weights(self) -> None:
@@ -39,13 +48,14 @@ class QuantizedWeightMixin:
         self.weights_frozen.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
+        """The weight as the layer uses it: stored on the grid once frozen, never re-quantized."""
         wq = self.weight_quantizer
-        if not wq.enabled or bool(self.weights_frozen):
+        if not wq.enabled or self.buffer_flag("weights_frozen"):
             return self.weight
         return wq(self.weight)
 
 
-class QuantLinear(QuantizedWeightMixin, nn.Module):
+class QuantLinear(QuantizedWeightMixin, CachedBufferState):
     """``nn.Linear`` with a quantized input activation and a quantized weight."""
 
     def __init__(
@@ -75,13 +85,35 @@ class QuantLinear(QuantizedWeightMixin, nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        return self.forward_scaled(x, 1.0)
+
+    def forward_scaled(self, x: torch.Tensor, pre_scale: float) -> torch.Tensor:
+        """The layer applied to ``x * pre_scale``, with the factor folded into the matmul.
+
+        Attention hands over its un-dequantized ``probs @ v`` this way; the input quantizer's
+        scale is folded the same way (one ``addmm`` with ``alpha``), which saves elementwise
+        passes over the activation.
+        """
+        codes, scale = self.input_quantizer.centered_codes(x, pre_scale)
+        return scaled_linear(codes, self.quantized_weight(), self.bias, scale)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group={self.group}"
 
 
-class QuantConv2d(QuantizedWeightMixin, nn.Module):
+def scaled_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """``F.linear(x * alpha, weight, bias)`` as one ``addmm`` (alpha scales the product)."""
+    if alpha == 1.0:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return F.linear(x, weight) * alpha
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), alpha=alpha)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class QuantConv2d(QuantizedWeightMixin, CachedBufferState):
     """``nn.Conv2d`` (the patch embedding) with quantized input pixels and weight."""
 
     def __init__(self, conv: nn.Conv2d, spec: GroupSpec, group: str) -> None:
@@ -97,16 +129,23 @@ class QuantConv2d(QuantizedWeightMixin, nn.Module):
         )
         self.register_buffer("weights_frozen", torch.tensor(False))
         if spec.a_per_channel:
-            raise ValueError("per-channel activation quantization is not offered for the patch embedding")
+            raise ValueError(
+                "per-channel activation quantization is not offered for the patch embedding"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
-            self.input_quantizer(x), self.quantized_weight(), self.bias,
-            self.stride, self.padding, self.dilation, self.groups,
+            self.input_quantizer(x),
+            self.quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
         )
 
 
-class QuantEmbedding(QuantizedWeightMixin, nn.Module):
+class QuantEmbedding(QuantizedWeightMixin, CachedBufferState):
     """Token-embedding table quantized per row (weight only: its input is integer ids)."""
 
     def __init__(self, embedding: nn.Embedding, spec: GroupSpec, group: str) -> None:
@@ -123,7 +162,7 @@ class QuantEmbedding(QuantizedWeightMixin, nn.Module):
         return F.embedding(tokens, self.quantized_weight())
 
 
-class QuantMultiheadAttention(QuantizedWeightMixin, nn.Module):
+class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
     """Replacement for open_clip's ``nn.MultiheadAttention`` (self-attention, any batch layout).
 
     Quantizes the q/k/v projection (its input and ``in_proj_weight``: group ``attn_qkv``),
@@ -142,7 +181,9 @@ class QuantMultiheadAttention(QuantizedWeightMixin, nn.Module):
     ) -> None:
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
-            raise ValueError("only attention with a packed in_proj_weight (as open_clip builds) is supported")
+            raise ValueError(
+                "only attention with a packed in_proj_weight (as open_clip builds) is supported"
+            )
         self.group = f"{tower}.attn_qkv"
         self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
         self.head_dim = mha.embed_dim // mha.num_heads
@@ -157,7 +198,9 @@ class QuantMultiheadAttention(QuantizedWeightMixin, nn.Module):
         self.register_buffer("weights_frozen", torch.tensor(False))
         self.internals_quantized = internals.a_bits is not None
         internal_spec = GroupSpec(
-            a_bits=internals.a_bits, a_observer=internals.a_observer, percentile=internals.percentile
+            a_bits=internals.a_bits,
+            a_observer=internals.a_observer,
+            percentile=internals.percentile,
         )
         self.q_quantizer = _act_quantizer(internal_spec, self.head_dim)
         self.k_quantizer = _act_quantizer(internal_spec, self.head_dim)
@@ -191,22 +234,30 @@ class QuantMultiheadAttention(QuantizedWeightMixin, nn.Module):
             raise NotImplementedError("QuantMultiheadAttention supports self-attention only")
         x = query if self.batch_first else query.transpose(0, 1)
         b, length, _ = x.shape
-        qkv = F.linear(self.input_quantizer(x), self.quantized_weight(), self.in_proj_bias)
+        codes, scale = self.input_quantizer.centered_codes(x)
+        qkv = scaled_linear(codes, self.quantized_weight(), self.in_proj_bias, scale)
         q, k, v = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = self._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
         dropout = self.dropout if self.training else 0.0
         if self.internals_quantized:
-            q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
-            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            # q, k, v and the probabilities stay as codes; their scales (and 1/sqrt(d)) fold
+            # into the score scale and into the out_proj input.
+            q, s_q = self.q_quantizer.centered_codes(q)
+            k, s_k = self.k_quantizer.centered_codes(k)
+            v, s_v = self.v_quantizer.centered_codes(v)
+            scores = torch.matmul(q, k.transpose(-2, -1)).mul_(s_q * s_k * self.head_dim**-0.5)
             if mask is not None:
-                scores = scores + mask
-            probs = self.probs_quantizer(scores.softmax(dim=-1))
+                scores = scores.add_(mask)
+            probs, s_p = self.probs_quantizer.centered_codes(scores.softmax(dim=-1))
             if dropout:
                 probs = F.dropout(probs, dropout)
-            out = probs @ v
+            out, out_scale = torch.matmul(probs, v), s_p * s_v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, length, self.embed_dim))
+            out_scale = 1.0
+        out = self.out_proj.forward_scaled(
+            out.transpose(1, 2).reshape(b, length, self.embed_dim), out_scale
+        )
         return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _merge_masks(
@@ -229,10 +280,15 @@ class QuantMultiheadAttention(QuantizedWeightMixin, nn.Module):
         return mask
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, heads={self.num_heads}, internals_quantized={self.internals_quantized}"
+        return (
+            f"embed_dim={self.embed_dim}, heads={self.num_heads}, "
+            f"internals_quantized={self.internals_quantized}"
+        )
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
     return mask.to(dtype)

@@ -6,18 +6,77 @@ or an export carries the calibration; observers are transient and never saved.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from p4q_lightning.quant.observers import ActivationObserver, weight_max_abs
-from p4q_lightning.quant.qmath import affine_qparams, fake_quant, log2_quant, symmetric_qmax, symmetric_scale
+from p4q_lightning.quant.observers import ActivationObserver, observed_range, weight_max_abs
+from p4q_lightning.quant.qmath import (
+    affine_qparams,
+    channel_shape,
+    fake_quant,
+    fake_quant_prepared,
+    log2_quant,
+    prepare_qparams,
+    round_clamp,
+    symmetric_qmax,
+    symmetric_scale,
+)
 
 
 class NotCalibratedError(RuntimeError):
     """Raised when a quantized model is run before its activation ranges are known."""
 
 
-class WeightQuantizer(nn.Module):
+def _tensor_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """Identity of a tensor's current contents: storage, device and in-place version.
+
+    None for inference tensors, which keep no version counter (nothing is cached for them).
+    """
+    try:
+        return (t.data_ptr(), t.device, t._version)
+    except RuntimeError:
+        return None
+
+
+class CachedBufferState(nn.Module):
+    """Caches values derived from buffers (a flag, prepared fake-quant parameters).
+
+    Reading a flag buffer with ``bool()`` on every forward is a host sync per quantizer on a
+    GPU, and re-deriving the fake-quant parameters costs a few small kernels per call. The
+    cache is keyed on each buffer's storage and version counter, so any in-place change
+    (``fill_``, ``copy_``, ``load_state_dict``) or device move invalidates it by itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._derived: dict[str, tuple[Any, Any]] = {}
+
+    def cached(
+        self, name: str, sources: tuple[torch.Tensor, ...], compute: Callable[[], Any]
+    ) -> Any:
+        keys = tuple(_tensor_key(t) for t in sources)
+        hit = self._derived.get(name)
+        if hit is not None and hit[0] == keys:
+            return hit[1]
+        value = compute()
+        if None not in keys:
+            self._derived[name] = (keys, value)
+        return value
+
+    def buffer_flag(self, name: str) -> bool:
+        """``bool(self.<name>)``, read from the device only when the buffer changed."""
+        buf = getattr(self, name)
+        return self.cached(name, (buf,), lambda: bool(buf))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # device / dtype moves
+        self._derived.clear()
+        return super()._apply(fn, recurse)
+
+
+class WeightQuantizer(CachedBufferState):
     """Symmetric per-output-channel weight quantizer (dim 0 is the channel).
 
     Frozen weights are quantized once by :meth:`calibrate_from`; ``dynamic=True`` re-derives
@@ -66,7 +125,7 @@ class WeightQuantizer(nn.Module):
                 max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
                 self.scale.copy_(symmetric_scale(max_abs, self.bits))
                 self.calibrated.fill_(True)
-        elif not bool(self.calibrated):
+        elif not self.buffer_flag("calibrated"):
             raise NotCalibratedError(
                 "weight quantizer used before calibration: call p4q_lightning.calibrate(model, ...)"
             )
@@ -82,7 +141,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, observer={self.observer}, dynamic={self.dynamic}"
 
 
-class ActivationQuantizer(nn.Module):
+class ActivationQuantizer(CachedBufferState):
     """Asymmetric activation quantizer (per tensor, or per last-dim channel).
 
     Modes: ``quant`` (use stored range), ``observe`` (calibration: record statistics, pass the
@@ -137,8 +196,8 @@ class ActivationQuantizer(nn.Module):
         lo, hi = obs.compute_range(self.bits)
         self.set_range(lo, hi)
         clipped = 0.0
-        if obs.samples:
-            sample = torch.cat(obs.samples, dim=0)
+        if obs.needs_samples:
+            sample = obs.sample()
             clipped = float(((sample < lo) | (sample > hi)).float().mean())
         self.last_stats = {
             "min": float(lo.min()),
@@ -160,27 +219,69 @@ class ActivationQuantizer(nn.Module):
         self.zero_point.copy_(zp.to(torch.int32))
         self.calibrated.fill_(True)
 
+    def _check_ready(self, x: torch.Tensor) -> None:
+        """EMA update while training in ``ema`` mode; otherwise require a calibrated range."""
+        if self.mode == "ema" and self.training:
+            self._ema_update(x)
+        elif not self.buffer_flag("calibrated"):
+            raise NotCalibratedError(
+                "activation quantizer used before calibration: call "
+                "p4q_lightning.calibrate(model, images=..., texts=...) before encoding"
+            )
+
+    def _float_params(self) -> tuple[float, float, float, float]:
+        """Per-tensor (1/scale, scale, qmin - z, qmax - z) as Python floats, cached."""
+
+        def compute() -> tuple[float, float, float, float]:
+            inv, scale, lo, hi = prepare_qparams(
+                self.scale, self.zero_point, 0, 2**self.bits - 1, (1,)
+            )
+            return tuple(torch.cat([inv, scale, lo, hi]).tolist())  # one host read
+
+        return self.cached("float_params", (self.scale, self.zero_point), compute)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized ``x`` (quantize-dequantize), with a straight-through gradient."""
         if not self.enabled:
             return x
         if self.mode == "observe":
             self._observer.update(x)
             return x
-        if self.mode == "ema" and self.training:
-            self._ema_update(x)
-        elif not bool(self.calibrated):
-            raise NotCalibratedError(
-                "activation quantizer used before calibration: call "
-                "p4q_lightning.calibrate(model, images=..., texts=...) before encoding"
-            )
-        axis = -1 if self.per_channel else None
-        return fake_quant(x, self.scale, self.zero_point, 0, 2**self.bits - 1, axis=axis)
+        self._check_ready(x)
+        if not self.per_channel:
+            return fake_quant_prepared(x, *self._float_params())
+        shape = channel_shape(x.dim(), -1, self.scale.numel())
+        params = self.cached(
+            f"qparams{shape}",
+            (self.scale, self.zero_point),
+            lambda: prepare_qparams(self.scale, self.zero_point, 0, 2**self.bits - 1, shape),
+        )
+        return fake_quant_prepared(x, *params)
+
+    def centered_codes(self, x: torch.Tensor, pre_scale: float = 1.0) -> tuple[torch.Tensor, float]:
+        """``(c, s)`` with ``c * s`` equal to ``self(x * pre_scale)`` up to float rounding.
+
+        On the per-tensor hot path ``c`` holds the centered integer codes and ``s`` is the
+        scale, for the caller to fold into a scalar it applies anyway; ``pre_scale`` (a
+        dequantization factor of ``x`` itself) is folded into the rounding step. When this
+        quantizer is off, observing or per channel, ``c`` is the (fake-quantized) value and
+        ``s`` is ``pre_scale`` or 1.
+        """
+        if not self.enabled:
+            return x, pre_scale
+        if self.mode == "observe" or self.per_channel:
+            return self(x * pre_scale if pre_scale != 1.0 else x), 1.0
+        self._check_ready(x * pre_scale if self.mode == "ema" and pre_scale != 1.0 else x)
+        inv, scale, lo, hi = self._float_params()
+        return round_clamp(x, inv * pre_scale, lo, hi), scale
 
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor) -> None:
-        rows = x.detach().float().reshape(-1, x.shape[-1]) if self.per_channel else x.detach().reshape(-1, 1).float()
-        lo, hi = rows.amin(dim=0), rows.amax(dim=0)
-        if bool(self.calibrated):
+        x = x.detach().float()
+        lo, hi = observed_range(
+            x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)
+        )
+        if self.buffer_flag("calibrated"):
             m = self.ema_momentum
             lo = (1 - m) * self.range_min + m * lo
             hi = (1 - m) * self.range_max + m * hi
@@ -211,6 +312,12 @@ class Log2Quantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.bits is None else log2_quant(x, self.bits)
+
+    def centered_codes(self, x: torch.Tensor, pre_scale: float = 1.0) -> tuple[torch.Tensor, float]:
+        """Same contract as :meth:`ActivationQuantizer.centered_codes`: ``c * s == self(x)``."""
+        if pre_scale != 1.0:
+            x = x * pre_scale
+        return self(x), 1.0
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

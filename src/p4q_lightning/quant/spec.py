@@ -72,9 +72,7 @@ class GroupSpec:
         self.w_bits = _check_bits(self.w_bits, "w_bits")
         self.a_bits = _check_bits(self.a_bits, "a_bits")
         if self.w_observer not in ("minmax", "percentile", "mse"):
-            raise ValueError(
-                f"w_observer={self.w_observer!r}: use one of minmax, percentile, mse"
-            )
+            raise ValueError(f"w_observer={self.w_observer!r}: use one of minmax, percentile, mse")
         if self.a_observer not in ("minmax", "percentile", "omse", "mse"):
             raise ValueError(
                 f"a_observer={self.a_observer!r}: use one of minmax, percentile, omse, mse"
@@ -121,7 +119,10 @@ class QuantSpec:
         return all(g.is_float for g in self.groups.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "groups": {k: dataclasses.asdict(v) for k, v in self.groups.items()}}
+        return {
+            "name": self.name,
+            "groups": {k: dataclasses.asdict(v) for k, v in self.groups.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
@@ -130,7 +131,9 @@ class QuantSpec:
 
 
 def _unknown_group_message(group: str) -> str:
-    close = difflib.get_close_matches(group, ALL_GROUPS + tuple(TOWER_GROUPS["vision"]) + ("token_embedding",), n=3)
+    close = difflib.get_close_matches(
+        group, ALL_GROUPS + tuple(TOWER_GROUPS["vision"]) + ("token_embedding",), n=3
+    )
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (
         f"unknown quantization group {group!r}.{hint} Valid groups: {', '.join(ALL_GROUPS)}; "
@@ -157,13 +160,16 @@ def _p4q_448() -> QuantSpec:
     """The official P4Q code's real "4-4-8" setting (P4Q_NOTES.md section 2).
 
     Only the patch-embedding conv weight and the pixel input use 4 bits; every transformer
-    linear (in_proj, out_proj, c_fc, c_proj) in both towers and the adapter use 8 bits; q/k/v,
+    linear weight (in_proj, out_proj, c_fc, c_proj) in both towers and the adapter use 8 bits.
+    The quantized activations are exactly those the official code quantizes: the attention
+    input (before in_proj) and the inputs of c_fc and c_proj; the out_proj input, q/k/v,
     attention scores, embeddings and norms stay in float. Weights min-max, activations OMSE.
     """
     groups: dict[str, GroupSpec] = {}
     for tower in TOWERS:
-        for g in ("attn_qkv", "attn_out", "mlp_fc", "mlp_proj"):
+        for g in ("attn_qkv", "mlp_fc", "mlp_proj"):
             groups[f"{tower}.{g}"] = GroupSpec(w_bits=8, a_bits=8, a_observer="omse")
+        groups[f"{tower}.attn_out"] = GroupSpec(w_bits=8, a_bits=None)
     groups["vision.patch_embed"] = GroupSpec(w_bits=4, a_bits=4, a_observer="omse")
     groups["adapter"] = GroupSpec(w_bits=8, a_bits=8, a_observer="omse")
     return QuantSpec(groups=groups, name="p4q-448")
@@ -201,9 +207,15 @@ def get_spec(
     elif isinstance(spec, Mapping):
         base = QuantSpec.from_dict(spec)
     else:
-        raise TypeError(f"quantization spec must be a preset name, QuantSpec or dict, not {type(spec)}")
+        raise TypeError(
+            f"quantization spec must be a preset name, QuantSpec or dict, not {type(spec)}"
+        )
     for key, changes in (overrides or {}).items():
-        targets = [key] if key in ALL_GROUPS else [f"{t}.{key}" for t in TOWERS if f"{t}.{key}" in ALL_GROUPS]
+        targets = (
+            [key]
+            if key in ALL_GROUPS
+            else [f"{t}.{key}" for t in TOWERS if f"{t}.{key}" in ALL_GROUPS]
+        )
         if not targets:
             raise ValueError(_unknown_group_message(key))
         for target in targets:
