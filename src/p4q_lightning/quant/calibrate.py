@@ -68,13 +68,14 @@ def calibrate(
             ):
                 encode(batch.to(device))
                 seen[tower] += int(batch.shape[0])
-        missing = sorted(t for t in towers_needing_data if seen[t] == 0)
+        missing = [t for t in ("vision", "text") if t in towers_needing_data and seen[t] == 0]
         if missing:
             arg = {"vision": "images", "text": "texts"}
             raise ValueError(
-                "calibrating with no data: the "
+                "calibrating with no data: "
                 + " and ".join(
-                    f"{t} tower has quantized activations but `{arg[t]}=` is empty" for t in missing
+                    f"the {t} tower has quantized activations but `{arg[t]}=` is empty"
+                    for t in missing
                 )
                 + "; pass a few batches (e.g. 1,024 training images and the class prompts)"
             )
@@ -86,9 +87,18 @@ def calibrate(
         model.train(was_training)
 
     stats: dict[str, dict[str, float]] = {}
+    unseen = []
     for name, q in act:
-        q.finish_observing()
+        if not q.finish_observing():
+            unseen.append(name)
         stats[name] = dict(q.last_stats)
+    if unseen:
+        log.warning(
+            "%d activation quantizer(s) saw no data during calibration and stay uncalibrated "
+            "(encoding through them raises NotCalibratedError): %s",
+            len(unseen),
+            ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""),
+        )
     log.info(
         "calibrated %d activation quantizers on %d images and %d texts in %.1f s",
         len(act),

@@ -76,6 +76,11 @@ def quantize(
     :func:`get_spec`). The copy must be calibrated (:func:`calibrate`) before use, unless
     nothing in it is quantized.
     """
+    if getattr(model, SPEC_ATTR, None) is not None:
+        raise ValueError(
+            "this model is already a quantized student; quantize the float open_clip model "
+            "instead (quantize returns a copy, so the original is still at hand)"
+        )
     resolved = get_spec(spec, overrides)
     student = copy.deepcopy(model)
     visual = vision_tower(student)

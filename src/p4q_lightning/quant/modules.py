@@ -76,13 +76,22 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
             spec.w_bits, out_features, spec.w_observer, spec.percentile, dynamic=dynamic_weights
         )
         self.register_buffer("weights_frozen", torch.tensor(False))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation, for layers built directly (e.g. the adapter)."""
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if self.bias is not None:
+            bound = 1 / self.in_features**0.5 if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: GroupSpec, group: str) -> QuantLinear:
+        """Wrap ``linear``, sharing (not copying) its weight and bias parameters."""
         q = cls(linear.in_features, linear.out_features, spec, group, bias=False)
         q.weight = linear.weight
         q.bias = linear.bias
-        return q
+        return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_scaled(x, 1.0)
@@ -255,9 +264,12 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             out_scale = 1.0
-        out = self.out_proj.forward_scaled(
-            out.transpose(1, 2).reshape(b, length, self.embed_dim), out_scale
-        )
+        out = out.transpose(1, 2).reshape(b, length, self.embed_dim)
+        forward_scaled = getattr(self.out_proj, "forward_scaled", None)
+        if forward_scaled is not None:
+            out = forward_scaled(out, out_scale)
+        else:  # out_proj swapped for another layer (e.g. an int8 export)
+            out = self.out_proj(out * out_scale if out_scale != 1.0 else out)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _merge_masks(

@@ -178,6 +178,8 @@ def log2_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     Levels are 2^-k for k = 0 .. 2^bits - 2; values below the smallest level go to 0.
     """
     n_levels = 2**bits - 1
-    code = (-torch.log2(x.detach().clamp_min(EPS))).round()
+    # log2(0) = -inf gives code +inf, which maps to 0: masked probabilities stay exactly 0
+    # (clamping x to a small epsilon first would turn them into a nonzero level at 8 bits).
+    code = (-torch.log2(x.detach())).round()
     xq = torch.where(code < n_levels, torch.exp2(-code), torch.zeros_like(x))
     return x + (xq.to(x.dtype) - x).detach()
