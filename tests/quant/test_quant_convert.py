@@ -267,3 +267,12 @@ def test_unobserved_quantizers_are_reported(
         calibrate(student, images=[tiny_images], texts=[prompts], progress=False)
     assert "saw no data" in caplog.text and "unused_block" in caplog.text
     assert not is_calibrated(student)
+
+
+def test_quantizer_buffers_follow_the_model_device() -> None:
+    """A model already on an accelerator gets its scales there too (checked with 'meta')."""
+    with torch.device("meta"):
+        model = build_tiny_clip()
+    student = quantize(model, "w4a4")
+    wrong = [n for n, b in student.named_buffers() if b.device.type != "meta"]
+    assert wrong == []

@@ -92,6 +92,8 @@ def quantize(
     text_root.token_embedding = QuantEmbedding(
         text_root.token_embedding, resolved["text.token_embedding"], "text.token_embedding"
     )
+    # the new quantizers' buffers are created on the CPU: put them where the weights are
+    student.to(next(model.parameters()).device)
     student.requires_grad_(False)
     student.eval()
     setattr(student, SPEC_ATTR, resolved)
