@@ -276,3 +276,19 @@ def test_quantizer_buffers_follow_the_model_device() -> None:
     student = quantize(model, "w4a4")
     wrong = [n for n, b in student.named_buffers() if b.device.type != "meta"]
     assert wrong == []
+
+
+def test_parameters_cached_in_inference_mode_serve_a_later_backward(
+    tiny_clip: nn.Module, tiny_images: torch.Tensor, prompts: torch.Tensor
+) -> None:
+    """Evaluation (inference_mode) first, prompt training (autograd) after, on one student."""
+    student = quantize(tiny_clip, "w4a4", overrides={"mlp_fc": {"a_per_channel": True}})
+    calibrate(student, images=[tiny_images], texts=[prompts], progress=False)
+    with torch.inference_mode():
+        expected = student.encode_text(prompts)
+    x = (student.token_embedding(prompts) + student.positional_embedding).requires_grad_(True)
+    h = student.ln_final(student.transformer(x, attn_mask=student.attn_mask))
+    features = h[torch.arange(h.shape[0]), prompts.argmax(dim=-1)] @ student.text_projection
+    features.sum().backward()
+    assert torch.equal(features.detach(), expected)
+    assert x.grad is not None and x.grad.abs().sum() > 0

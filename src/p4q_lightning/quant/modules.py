@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p4q_lightning.quant.qmath import round_clamp
 from p4q_lightning.quant.quantizer import (
     ActivationQuantizer,
     CachedBufferState,
@@ -220,6 +221,7 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
             probs_spec = GroupSpec(a_bits=internals.a_bits, a_observer="minmax")
             self.probs_quantizer = _act_quantizer(probs_spec, 1)
         self.out_proj = QuantLinear.from_float(mha.out_proj, out, f"{tower}.attn_out")
+        self._packed_qkv_params: tuple[tuple[tuple[float, ...], ...], torch.Tensor] | None = None
 
     # The mixin quantizes ``self.weight``; attention's packed weight has another name.
     @property
@@ -245,15 +247,12 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
         b, length, _ = x.shape
         codes, scale = self.input_quantizer.centered_codes(x)
         qkv = scaled_linear(codes, self.quantized_weight(), self.in_proj_bias, scale)
-        q, k, v = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = self._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
         dropout = self.dropout if self.training else 0.0
         if self.internals_quantized:
             # q, k, v and the probabilities stay as codes; their scales (and 1/sqrt(d)) fold
             # into the score scale and into the out_proj input.
-            q, s_q = self.q_quantizer.centered_codes(q)
-            k, s_k = self.k_quantizer.centered_codes(k)
-            v, s_v = self.v_quantizer.centered_codes(v)
+            (q, k, v), (s_q, s_k, s_v) = self._qkv_codes(qkv, b, length)
             scores = torch.matmul(q, k.transpose(-2, -1)).mul_(s_q * s_k * self.head_dim**-0.5)
             if mask is not None:
                 scores = scores.add_(mask)
@@ -262,6 +261,7 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
                 probs = F.dropout(probs, dropout)
             out, out_scale = torch.matmul(probs, v), s_p * s_v
         else:
+            q, k, v = self._split_heads(qkv, b, length)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             out_scale = 1.0
         out = out.transpose(1, 2).reshape(b, length, self.embed_dim)
@@ -271,6 +271,54 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
         else:  # out_proj swapped for another layer (e.g. an int8 export)
             out = self.out_proj(out * out_scale if out_scale != 1.0 else out)
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _split_heads(
+        self, qkv: torch.Tensor, b: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, L, 3E]`` -> q, k, v as ``[B, heads, L, head_dim]`` views."""
+        q, k, v = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def _qkv_codes(
+        self, qkv: torch.Tensor, b: int, length: int
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[float, float, float]]:
+        """Centered codes of q, k and v with their scales.
+
+        When all three quantizers are calibrated per-tensor grids (the usual case), the packed
+        ``qkv`` tensor is quantized in one pass with a per-third scale instead of three passes
+        over strided views; the values are identical to three separate calls.
+        """
+        quantizers = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
+        packed = all(
+            isinstance(q, ActivationQuantizer)
+            and q.enabled
+            and q.mode == "quant"
+            and not q.per_channel
+            for q in quantizers
+        )
+        if not packed:
+            pairs = [
+                q.centered_codes(t)
+                for q, t in zip(quantizers, self._split_heads(qkv, b, length), strict=True)
+            ]
+            return tuple(c for c, _ in pairs), tuple(s for _, s in pairs)  # type: ignore[return-value]
+        for q in quantizers:
+            q._check_ready(qkv)
+        params = tuple(q._float_params() for q in quantizers)  # (inv, scale, lo, hi) each
+        hit = self._packed_qkv_params
+        if hit is None or hit[0] != params or hit[1].device != qkv.device:
+            table = torch.tensor(params, dtype=torch.float32, device=qkv.device)  # [3, 4]
+            self._packed_qkv_params = (params, table.view(3, 4, 1, 1))
+        table = self._packed_qkv_params[1]
+        # [B, L, 3, heads, head_dim] against per-third parameters of shape [3, 1, 1]
+        codes = round_clamp(
+            qkv.view(b, length, 3, self.num_heads, self.head_dim),
+            table[:, 0],
+            table[:, 2],
+            table[:, 3],
+        )
+        q, k, v = codes.permute(2, 0, 3, 1, 4)
+        return (q, k, v), (params[0][1], params[1][1], params[2][1])
 
     def _merge_masks(
         self,

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 EPS = 1e-12
+#: A quantization parameter: a Python float (per tensor) or a broadcastable tensor.
+Scalar = float | torch.Tensor
 
 
 def symmetric_qmax(bits: int) -> int:
@@ -87,7 +89,7 @@ class _RoundClampSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, inv_scale: float, lo: float, hi: float
+        ctx: Any, x: torch.Tensor, inv_scale: Scalar, lo: Scalar, hi: Scalar
     ) -> torch.Tensor:
         q = torch.mul(x, inv_scale).round_()
         inside = (q >= lo) & (q <= hi)
@@ -101,11 +103,13 @@ class _RoundClampSTE(torch.autograd.Function):
         return grad * inside * ctx.inv_scale, None, None, None
 
 
-def round_clamp(x: torch.Tensor, inv_scale: float, lo: float, hi: float) -> torch.Tensor:
-    """Centered codes of ``x`` on a per-tensor grid (see :class:`_RoundClampSTE`).
+def round_clamp(x: torch.Tensor, inv_scale: Scalar, lo: Scalar, hi: Scalar) -> torch.Tensor:
+    """Centered codes of ``x`` (see :class:`_RoundClampSTE`).
 
-    Computed in float32 for half inputs and returned in ``x``'s dtype (codes up to 255 in
-    magnitude are exact in float16 and bfloat16).
+    The parameters are Python floats (one grid for the tensor) or tensors broadcastable to
+    ``x`` (several grids at once, e.g. q, k and v in one packed tensor). Computed in float32
+    for half inputs and returned in ``x``'s dtype (codes up to 255 in magnitude are exact in
+    float16 and bfloat16).
     """
     dtype = x.dtype
     xf = x if dtype in (torch.float32, torch.float64) else x.float()
