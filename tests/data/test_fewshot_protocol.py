@@ -156,3 +156,13 @@ def test_datamodule_is_buildable_from_a_yaml_config(folder, tmp_path):
     dm = parser.instantiate(cfg).data
     assert isinstance(dm, FewShotDataModule)
     assert dm.shots == 2 and dm.crop_scale == (0.5, 1.0) and tuple(dm.hparams.mean) == (0.5,) * 3
+
+
+def test_val_comes_from_test_when_the_shots_use_up_the_train_split(dm_factory, tmp_path):
+    root = tmp_path / "d"
+    write_class_folders(root / "train", ["cat", "dog"], 5)
+    write_class_folders(root / "test", ["cat", "dog"], 6, seed=1)
+    dm = dm_factory(str(root), shots=5)  # every train image is a shot
+    dm.setup("fit")
+    assert dm.split["val_from"] == "test" and label_counts(dm.val_dataset) == {0: 4, 1: 4}
+    assert all(k.startswith("test/") for k in dm.split["val"])

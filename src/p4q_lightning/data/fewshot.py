@@ -79,6 +79,12 @@ def make_split(source: ImageSource, shots: int, seed: int) -> dict[str, Any]:
     else:
         val_from = "train"
         val, short_val = sample_per_class(train_labels, val_shots, rng, num_classes, set(train))
+        if short_val and "test" in source.splits():
+            # The shots used up the train split (e.g. all 500 CIFAR images per class): validate
+            # on the evaluation split, as CoOp does for ImageNet.
+            log.info("too few train images left for validation; drawing it from the test split")
+            val_from = "test"
+            val, short_val = sample_per_class(source.labels("test"), val_shots, rng, num_classes)
     _warn_short(short_val, val_shots, source.classnames, "validation")
     train_keys, val_keys = source.keys("train"), source.keys(val_from)
     return {

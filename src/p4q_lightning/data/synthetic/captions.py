@@ -90,6 +90,16 @@ class CaptionWriter:
     def __call__(self, scenes: Scenes) -> list[str]:
         return [self.caption(scenes, i) for i in range(len(scenes))]
 
+    def canonical(self, scenes: Scenes) -> list[str]:
+        """Terse captions naming every attribute ("a large red striped circle."), for warm-up."""
+        w = self.world
+        out = []
+        for i in range(len(scenes)):
+            words = (w.sizes[int(scenes.size[i])], w.colours[int(scenes.colour[i])],
+                     w.textures[int(scenes.texture[i])], w.shapes[int(scenes.shape[i])])
+            out.append(f"a {' '.join(words)}.")
+        return out
+
     def caption(self, scenes: Scenes, i: int) -> str:
         r, c, w = self.rng, self.cfg, self.world
         colour = w.colours[int(scenes.colour[i])]
