@@ -97,17 +97,12 @@ def test_missing_subcommand_is_a_clear_message(monkeypatch):
         cli.main(["frobnicate"])
 
 
-def test_wandb_goes_offline_without_key(monkeypatch, tmp_path):
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
-    assert cli.wandb_offline_unless_configured() is True
-    assert os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert cli.wandb_offline_unless_configured() is False
-    assert "WANDB_MODE" not in os.environ
+def test_cli_picks_the_wandb_mode_before_building_loggers(monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(cli, "resolve_wandb_mode", lambda: seen.append("resolved") or "offline")
+    monkeypatch.setattr(cli, "cli_main", lambda args: seen.append("cli"))
+    cli.main(["fit", "--help"])
+    assert seen == ["resolved", "cli"]
 
 
 def test_ddp_two_cpu_processes_fit_to_the_end(world, tmp_path):

@@ -2,15 +2,13 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_world  # noqa: E402
+import tiny_world
 from p4q_lightning.cli import main as cli_main  # noqa: E402
 from p4q_lightning.export import load_lowbit  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402

@@ -10,34 +10,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import netrc
-import os
 import sys
 from collections.abc import Sequence
+
+from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("export", "compare", "demo")
-
-
-def wandb_offline_unless_configured() -> bool:
-    """Use W&B offline mode when no key or login is available, so runs never hang on it.
-
-    Returns True when offline mode was switched on here.
-    """
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return False
-    try:
-        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
-        if netrc.netrc().authenticators(host):
-            return False
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    os.environ["WANDB_MODE"] = "offline"
-    log.info(
-        "no W&B key or login found: W&B runs offline (set WANDB_API_KEY or `wandb login` to sync)"
-    )
-    return True
 
 
 def _log_to_console() -> None:
@@ -89,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
     if args and args[0] in SUBCOMMANDS:
         return _dispatch(args[0], args[1:])
     _log_to_console()
-    wandb_offline_unless_configured()
+    resolve_wandb_mode()  # before LightningCLI builds a WandbLogger
     cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     return None
 

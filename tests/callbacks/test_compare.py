@@ -2,18 +2,17 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_world  # noqa: E402
-from p4q_lightning.callbacks import compare  # noqa: E402
-from p4q_lightning.callbacks.compare import ComparisonCallback, resolve_wandb_mode  # noqa: E402
-from p4q_lightning.module import P4QModule  # noqa: E402
+import tiny_world
+from p4q_lightning import wandb_mode
+from p4q_lightning.callbacks.compare import ComparisonCallback
+from p4q_lightning.module import P4QModule
+from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 MINMAX = {
     g: {"a_observer": "minmax"}
@@ -128,10 +127,10 @@ def test_resolve_wandb_mode(monkeypatch, tmp_path) -> None:
     assert os.environ["WANDB_MODE"] == "offline"
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setattr(compare, "_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(wandb_mode, "_reachable", lambda timeout=3.0: False)
     assert resolve_wandb_mode() == "offline"
     monkeypatch.delenv("WANDB_MODE")
-    monkeypatch.setattr(compare, "_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(wandb_mode, "_reachable", lambda timeout=3.0: True)
     assert resolve_wandb_mode() == "online"
 
 
@@ -140,7 +139,7 @@ def test_unreachable_probe_is_bounded(monkeypatch) -> None:
 
     monkeypatch.setenv("WANDB_BASE_URL", "http://192.0.2.1:9")  # TEST-NET-1: never answers
     start = time.perf_counter()
-    assert compare._reachable(timeout=0.5) is False
+    assert wandb_mode._reachable(timeout=0.5) is False
     assert time.perf_counter() - start < 2.0
 
 

@@ -1,14 +1,10 @@
 """LowBitExportCallback on a short P4Q fit: the file loads and reproduces the module's logits."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch import Trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_world  # noqa: E402
+import tiny_world
 from p4q_lightning.callbacks.export import LowBitExportCallback  # noqa: E402
 from p4q_lightning.export import load_lowbit, read_container  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402

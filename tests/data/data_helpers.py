@@ -21,8 +21,13 @@ def write_image(path: Path, seed: int, size: int = 12, fmt: str | None = None) -
     return path
 
 
-def write_class_folders(root: Path, classes: Sequence[str], per_class: int | Sequence[int],
-                        ext: str = ".png", seed: int = 0) -> Path:
+def write_class_folders(
+    root: Path,
+    classes: Sequence[str],
+    per_class: int | Sequence[int],
+    ext: str = ".png",
+    seed: int = 0,
+) -> Path:
     counts = [per_class] * len(classes) if isinstance(per_class, int) else list(per_class)
     k = seed * 10_000
     for cls, n in zip(classes, counts, strict=True):

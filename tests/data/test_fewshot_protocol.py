@@ -150,8 +150,10 @@ def test_datamodule_is_buildable_from_a_yaml_config(folder, tmp_path):
 
     parser = ArgumentParser()
     parser.add_class_arguments(FewShotDataModule, "data")
-    yaml = (f"data:\n  dataset: {folder}\n  shots: 2\n  seed: 3\n  num_workers: 0\n"
-            f"  crop_scale: [0.5, 1.0]\n  mean: [0.5, 0.5, 0.5]\n  split_dir: {tmp_path}/s\n")
+    yaml = (
+        f"data:\n  dataset: {folder}\n  shots: 2\n  seed: 3\n  num_workers: 0\n"
+        f"  crop_scale: [0.5, 1.0]\n  mean: [0.5, 0.5, 0.5]\n  split_dir: {tmp_path}/s\n"
+    )
     cfg = parser.parse_string(yaml)
     dm = parser.instantiate(cfg).data
     assert isinstance(dm, FewShotDataModule)

@@ -18,20 +18,28 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def _dataset(labels: list[int], names: list[str], image_col: str = "image",
-             label_col: str = "label", seed: int = 0) -> datasets.Dataset:
-    features = datasets.Features({image_col: datasets.Image(),
-                                  label_col: datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict({image_col: _images(len(labels), seed), label_col: labels},
-                                      features=features)
+def _dataset(
+    labels: list[int],
+    names: list[str],
+    image_col: str = "image",
+    label_col: str = "label",
+    seed: int = 0,
+) -> datasets.Dataset:
+    features = datasets.Features(
+        {image_col: datasets.Image(), label_col: datasets.ClassLabel(names=names)}
+    )
+    return datasets.Dataset.from_dict(
+        {image_col: _images(len(labels), seed), label_col: labels}, features=features
+    )
 
 
 def test_imagefolder_builder(dm_factory, tmp_path):
     root = tmp_path / "hf_folder"
     write_class_folders(root / "train", ["sea_lion", "hermit_crab"], 6)
     write_class_folders(root / "test", ["sea_lion", "hermit_crab"], 2, seed=1)
-    dm = dm_factory("imagefolder", data_dir=str(root), hf_cache_dir=str(tmp_path / "hf_cache"),
-                    shots=4, seed=1)
+    dm = dm_factory(
+        "imagefolder", data_dir=str(root), hf_cache_dir=str(tmp_path / "hf_cache"), shots=4, seed=1
+    )
     dm.setup("fit")
     dm.setup("test")
     assert dm.classnames == ["hermit crab", "sea lion"]

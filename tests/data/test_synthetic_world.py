@@ -39,8 +39,9 @@ def test_object_colour_is_visible():
     red, blue = cfg.colours.index("red"), cfg.colours.index("blue")
     colour = torch.tensor([red, blue] * (n // 2))
     zeros = torch.zeros(n, dtype=torch.long)  # plain circles (a ring has a hole in the middle)
-    scenes = sample_scenes(n, cfg, g, colour=colour, shape=zeros, texture=zeros,
-                           size=torch.ones(n, dtype=torch.long))
+    scenes = sample_scenes(
+        n, cfg, g, colour=colour, shape=zeros, texture=zeros, size=torch.ones(n, dtype=torch.long)
+    )
     img = render(scenes, cfg, g).float()
     # the pixel at each large object's centre carries its colour: red has R >> B, blue the opposite
     centre = img[torch.arange(n), :, scenes.cy.long(), scenes.cx.long()]
@@ -82,8 +83,14 @@ def test_captions_are_varied_deterministic_and_name_the_shape():
 
 
 def test_synthetic_datamodule_source(dm_factory):
-    dm = dm_factory("synthetic:3", shots=2, seed=1, image_size=None,
-                    synthetic_train_per_class=6, synthetic_test_per_class=2)
+    dm = dm_factory(
+        "synthetic:3",
+        shots=2,
+        seed=1,
+        image_size=None,
+        synthetic_train_per_class=6,
+        synthetic_test_per_class=2,
+    )
     dm.setup("fit")
     dm.setup("test")
     assert dm.world_seed == 3 and dm.image_size == 32 and dm.num_classes == 48

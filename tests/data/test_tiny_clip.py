@@ -19,8 +19,9 @@ from p4q_lightning.model.tiny_clip import (
     register_tiny_clip,
 )
 
-QUICK = PretrainConfig(steps=2, batch_size=8, warmup_steps=1, warmup_text_frozen_steps=1,
-                       eval_per_class=1)
+QUICK = PretrainConfig(
+    steps=2, batch_size=8, warmup_steps=1, warmup_text_frozen_steps=1, eval_per_class=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def quick_checkpoints(tmp_path_factory):
         "b": ensure_teacher_checkpoint(world_seed=7, cache_dir=root / "b", config=QUICK),
         "other_seed": ensure_teacher_checkpoint(world_seed=8, cache_dir=root / "a", config=QUICK),
     }
+
 
 def test_register_is_idempotent_and_builds_an_open_clip_vit():
     name = register_tiny_clip()
@@ -45,8 +47,10 @@ def test_register_is_idempotent_and_builds_an_open_clip_vit():
 
 
 def test_importing_tiny_clip_does_not_import_lightning():
-    code = ("import sys; import p4q_lightning.model.tiny_clip as t; t.register_tiny_clip(); "
-            "print(any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))")
+    code = (
+        "import sys; import p4q_lightning.model.tiny_clip as t; t.register_tiny_clip(); "
+        "print(any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -107,6 +111,9 @@ def test_grouped_batches_share_all_but_one_attribute():
     for g in range(6):
         rows = slice(8 * g, 8 * g + 8)
         assert scenes.colour[rows].unique().numel() == 1
-        fixed = [a for a in ("shape", "texture", "size")
-                 if getattr(scenes, a)[rows].unique().numel() == 1]
+        fixed = [
+            a
+            for a in ("shape", "texture", "size")
+            if getattr(scenes, a)[rows].unique().numel() == 1
+        ]
         assert len(fixed) >= 2  # every attribute but the group's varying one is shared

@@ -8,18 +8,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
+from export_helpers import TINY, TINY_CFG, make_student
 
-from p4q_lightning import calibrate, get_spec, load_clip, quantize
-from p4q_lightning.quant import ALL_GROUPS
-
-TINY = "export-test-tiny-vit"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-CLASSNAMES = [f"class {i}" for i in range(10)]
+from p4q_lightning import load_clip
 
 
 @pytest.fixture(scope="session")
@@ -35,22 +26,6 @@ def tiny_float(tiny_name: str):
     torch.manual_seed(0)
     model, _, tokenizer = load_clip(tiny_name, None)
     return model, tokenizer
-
-
-def make_student(tiny_float, preset: str):
-    model, tokenizer = tiny_float
-    # min-max ranges: the export does not care how ranges were chosen, and OMSE is slow
-    student = quantize(model, get_spec(preset, {g: {"a_observer": "minmax"} for g in ALL_GROUPS}))
-    g = torch.Generator().manual_seed(1)
-    calibrate(
-        student,
-        torch.randn(16, 3, 32, 32, generator=g),
-        tokenizer(["a photo of a cat.", "a dog", "bird"]),
-        progress=False,
-    )
-    with torch.no_grad():
-        text = F.normalize(student.encode_text(tokenizer(CLASSNAMES)), dim=-1)
-    return student, text
 
 
 @pytest.fixture(scope="session", params=["w8a8", "w4a4", "p4q-448"])

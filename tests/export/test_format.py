@@ -21,7 +21,7 @@ from p4q_lightning.export.writer import STUDENT
 
 @pytest.fixture(scope="module")
 def w8(tiny_float):
-    from conftest import make_student
+    from export_helpers import make_student
 
     return make_student(tiny_float, "w8a8")[0]
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSNAMES
+from export_helpers import CLASSNAMES
 
 from p4q_lightning.export import (
     Int8Linear,
@@ -55,7 +55,7 @@ def test_float_or_per_channel_activations_stay_fake_quant() -> None:
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4", "p4q-448"])
 def test_converted_student_agrees_with_fake_quant(tiny_float, images, preset: str) -> None:
-    from conftest import make_student
+    from export_helpers import make_student
 
     student, text = make_student(tiny_float, preset)
     int8 = convert_to_int8(copy.deepcopy(student))

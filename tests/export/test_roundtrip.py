@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from conftest import CLASSNAMES
+from export_helpers import CLASSNAMES
 
 from p4q_lightning.export import export_lowbit, load_lowbit, read_container
 from p4q_lightning.quant import QuantSpec, quant_spec_of

@@ -13,13 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import netrc
-import os
-import socket
-import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -29,65 +24,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from p4q_lightning.callbacks.export import run_dir
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
 from p4q_lightning.model.text_encoder import template_text_features
+from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["method", "bits", "w_bits", "a_bits", "shots", "top1", "top5", "size_mb", "n_test"]
 FP_METHOD, PTQ_METHOD = "fp32 zero-shot", "ptq"
-
-
-def _has_wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = (
-        urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-        or "api.wandb.ai"
-    )
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def _reachable(timeout: float = 3.0) -> bool:
-    """Can we open a TCP connection to the W&B server? (DNS included, bounded by ``timeout``)."""
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection(
-                (url.hostname or "api.wandb.ai", url.port or 443), timeout=timeout
-            ):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
-
-
-def resolve_wandb_mode() -> str:
-    """Return the W&B mode to use, setting ``WANDB_MODE=offline`` when online cannot work.
-
-    An explicit ``WANDB_MODE`` wins. Without an API key (env or netrc) or without a connection
-    to the server, runs log offline (``wandb sync`` uploads them later) instead of hanging or
-    prompting for a login. Call before the first W&B run starts (building the callback does).
-    """
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    if not _has_wandb_key():
-        reason = "no W&B API key (WANDB_API_KEY or `wandb login`)"
-    elif not _reachable():
-        reason = "the W&B server is unreachable"
-    else:
-        return "online"
-    os.environ["WANDB_MODE"] = "offline"
-    log.warning("W&B logs offline: %s; upload later with `wandb sync`", reason)
-    return "offline"
 
 
 def _bits(spec: Any) -> tuple[str, int, int]:

@@ -144,8 +144,9 @@ class FewShotDataModule(L.LightningDataModule):
     def _open_source(self) -> ImageSource:
         hp = self.hparams
         if self.synthetic:
-            return SyntheticSource(self.world_seed, hp.synthetic_train_per_class,
-                                   hp.synthetic_test_per_class)
+            return SyntheticSource(
+                self.world_seed, hp.synthetic_train_per_class, hp.synthetic_test_per_class
+            )
         path = os.path.expanduser(self.dataset)
         if is_saved_dataset(path):
             return self._hub_source()
@@ -162,15 +163,26 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _hub_source(self) -> HubSource:
         hp = self.hparams
-        return HubSource(self.dataset, hp.data_dir, hp.hf_config, hp.image_column, hp.label_column,
-                         hp.train_split, hp.val_split, hp.test_split, hp.hf_cache_dir)
+        return HubSource(
+            self.dataset,
+            hp.data_dir,
+            hp.hf_config,
+            hp.image_column,
+            hp.label_column,
+            hp.train_split,
+            hp.val_split,
+            hp.test_split,
+            hp.hf_cache_dir,
+        )
 
     def _set_classes(self, source: ImageSource) -> None:
         hp = self.hparams
         names = list(hp.classnames) if hp.classnames else list(source.classnames)
         if len(names) != len(source.classnames):
-            raise ValueError(f"classnames has {len(names)} entries but {source.name} has "
-                             f"{len(source.classnames)} classes")
+            raise ValueError(
+                f"classnames has {len(names)} entries but {source.name} has "
+                f"{len(source.classnames)} classes"
+            )
         if hp.expected_num_classes is not None and len(names) != hp.expected_num_classes:
             raise ValueError(
                 f"{source.name} has {len(names)} classes but expected_num_classes="
@@ -214,15 +226,17 @@ class FewShotDataModule(L.LightningDataModule):
             self.split = self._load_split()
         ev = eval_transform(self.image_size, hp.mean, hp.std)
         if stage in (None, "fit") and self.train_dataset is None:
-            tr = train_transform(self.image_size, hp.mean, hp.std, self.crop_scale, hp.hflip,
-                                 hp.train_augment)
+            tr = train_transform(
+                self.image_size, hp.mean, hp.std, self.crop_scale, hp.hflip, hp.train_augment
+            )
             self.train_dataset = self._few_shot_dataset("train", self.split["train"], tr)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._few_shot_dataset(self.split["val_from"], self.split["val"], ev)
         if stage in (None, "test", "predict") and self.test_dataset is None:
             split, indices = self._test_items()
-            self.test_dataset = SourceDataset(source, split, indices, ev,
-                                              skip_corrupt=hp.skip_corrupt)
+            self.test_dataset = SourceDataset(
+                source, split, indices, ev, skip_corrupt=hp.skip_corrupt
+            )
 
     def _few_shot_dataset(self, split: str, keys: list[Any], transform) -> Dataset:
         source, hp = self.source, self.hparams
@@ -230,8 +244,9 @@ class FewShotDataModule(L.LightningDataModule):
         if not hp.in_memory:
             return SourceDataset(source, split, indices, transform, skip_corrupt=hp.skip_corrupt)
         side = hp.cache_shorter_side or (self.image_size * 8 + 6) // 7
-        images, labels, skipped = decode_all(source, split, indices, hp.skip_corrupt, side,
-                                             threads=max(1, hp.num_workers))
+        images, labels, skipped = decode_all(
+            source, split, indices, hp.skip_corrupt, side, threads=max(1, hp.num_workers)
+        )
         self.skipped.extend(skipped)
         return MemoryDataset(images, labels, transform)
 
@@ -243,21 +258,29 @@ class FewShotDataModule(L.LightningDataModule):
         used = set(resolve_indices(source, "train", self.split["train"]))
         if self.split["val_from"] == "train":
             used |= set(resolve_indices(source, "train", self.split["val"]))
-        log.info("%s has no test split: testing on the %d train items outside the few-shot split",
-                 source.name, len(source.labels("train")) - len(used))
+        log.info(
+            "%s has no test split: testing on the %d train items outside the few-shot split",
+            source.name,
+            len(source.labels("train")) - len(used),
+        )
         return "train", [i for i in range(len(source.labels("train"))) if i not in used]
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset | None, shuffle: bool,
-                batch_size: int | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() for this stage before asking for its dataloader")
         hp = self.hparams
         workers = hp.num_workers
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
         return DataLoader(
-            dataset, batch_size=batch_size or hp.batch_size, shuffle=shuffle, num_workers=workers,
-            pin_memory=pin, persistent_workers=hp.persistent_workers and workers > 0,
+            dataset,
+            batch_size=batch_size or hp.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=hp.persistent_workers and workers > 0,
             collate_fn=collate_skip_none,
         )
 
@@ -281,9 +304,16 @@ class FewShotDataModule(L.LightningDataModule):
         n = min(hp.calib_images if num_images is None else num_images, n_total)
         indices = sorted(random.Random(f"calib-{self.seed}").sample(range(n_total), n))
         transform = eval_transform(self.image_size, hp.mean, hp.std)
-        ds = SourceDataset(source, "train", indices, transform,
-                           skip_corrupt=hp.skip_corrupt, flip_odd=hp.hflip)
+        ds = SourceDataset(
+            source, "train", indices, transform, skip_corrupt=hp.skip_corrupt, flip_odd=hp.hflip
+        )
         hp_workers = hp.num_workers
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
-        return DataLoader(ds, batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
-                          num_workers=hp_workers, pin_memory=pin, collate_fn=collate_skip_none)
+        return DataLoader(
+            ds,
+            batch_size=hp.eval_batch_size or hp.batch_size,
+            shuffle=False,
+            num_workers=hp_workers,
+            pin_memory=pin,
+            collate_fn=collate_skip_none,
+        )

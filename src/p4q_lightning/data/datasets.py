@@ -26,8 +26,12 @@ Transform = Callable[[Any], torch.Tensor]
 class MemoryDataset(Dataset):
     """Decoded images held in memory (PIL or uint8 tensors) with a per-access transform."""
 
-    def __init__(self, images: Sequence[Image.Image | torch.Tensor], labels: Sequence[int],
-                 transform: Transform | None = None):
+    def __init__(
+        self,
+        images: Sequence[Image.Image | torch.Tensor],
+        labels: Sequence[int],
+        transform: Transform | None = None,
+    ):
         if len(images) != len(labels):
             raise ValueError("images and labels differ in length")
         self.images = list(images)
@@ -45,9 +49,15 @@ class MemoryDataset(Dataset):
 class SourceDataset(Dataset):
     """Items of one source split, decoded on access (for large evaluation splits)."""
 
-    def __init__(self, source: ImageSource, split: str, indices: Sequence[int],
-                 transform: Transform | None = None, skip_corrupt: bool = False,
-                 flip_odd: bool = False):
+    def __init__(
+        self,
+        source: ImageSource,
+        split: str,
+        indices: Sequence[int],
+        transform: Transform | None = None,
+        skip_corrupt: bool = False,
+        flip_odd: bool = False,
+    ):
         labels = source.labels(split)
         self.source, self.split = source, split
         self.indices = [int(i) for i in indices]
@@ -67,8 +77,9 @@ class SourceDataset(Dataset):
             if not self.skip_corrupt:
                 raise
             self.skipped += 1
-            log.warning("skipping unreadable image (%d so far in this process): %s",
-                        self.skipped, err)
+            log.warning(
+                "skipping unreadable image (%d so far in this process): %s", self.skipped, err
+            )
             return None
         out = self.transform(img) if self.transform else img
         if self.flip_odd and index % 2 == 1:
@@ -85,8 +96,12 @@ def collate_skip_none(batch: list[Any]) -> Any:
 
 
 def decode_all(
-    source: ImageSource, split: str, indices: Sequence[int], skip_corrupt: bool,
-    shorter_side: int | None, threads: int = 1,
+    source: ImageSource,
+    split: str,
+    indices: Sequence[int],
+    skip_corrupt: bool,
+    shorter_side: int | None,
+    threads: int = 1,
 ) -> tuple[list[Image.Image | torch.Tensor], list[int], list[str]]:
     """Decode the chosen items once (threads overlap file I/O and JPEG decoding).
 
@@ -117,7 +132,11 @@ def decode_all(
             images.append(img)
             kept_labels.append(int(labels[i]))
     if skipped:
-        log.warning("skipped %d unreadable %s images (skip_corrupt=True): %s%s",
-                    len(skipped), split,
-                    ", ".join(skipped[:3]), " ..." if len(skipped) > 3 else "")
+        log.warning(
+            "skipped %d unreadable %s images (skip_corrupt=True): %s%s",
+            len(skipped),
+            split,
+            ", ".join(skipped[:3]),
+            " ..." if len(skipped) > 3 else "",
+        )
     return images, kept_labels, skipped

@@ -26,7 +26,10 @@ SPLIT_FORMAT = 1
 
 
 def sample_per_class(
-    labels: Sequence[int], k: int, rng: random.Random, num_classes: int,
+    labels: Sequence[int],
+    k: int,
+    rng: random.Random,
+    num_classes: int,
     exclude: set[int] | frozenset[int] = frozenset(),
 ) -> tuple[list[int], dict[int, int]]:
     """Indices of ``k`` items per class (class order, CoOp's ``random.sample``).
@@ -56,8 +59,14 @@ def _warn_short(short: dict[int, int], k: int, classnames: Sequence[str], what: 
         return
     listed = ", ".join(f"{classnames[c]!r} ({n})" for c, n in list(short.items())[:5])
     more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-    log.warning("%d classes have fewer than %d %s images; taking all of them (as CoOp does): %s%s",
-                len(short), k, what, listed, more)
+    log.warning(
+        "%d classes have fewer than %d %s images; taking all of them (as CoOp does): %s%s",
+        len(short),
+        k,
+        what,
+        listed,
+        more,
+    )
     empty = [classnames[c] for c, n in short.items() if n == 0]
     if empty and what == "training":
         raise ValueError(f"classes without any training image: {empty[:5]}; check the dataset")
@@ -122,10 +131,14 @@ def write_split(path: Path, split: dict[str, Any]) -> None:
 def read_split(path: Path, source: ImageSource, shots: int, seed: int) -> dict[str, Any]:
     """Read a split file and check it belongs to this dataset, shots and seed."""
     split = json.loads(path.read_text())
-    expected = {"format": SPLIT_FORMAT, "shots": shots, "seed": seed,
-                "num_classes": len(source.classnames),
-                "classnames_sha1": _sha1("\n".join(source.classnames)),
-                "fingerprint": source.fingerprint()}
+    expected = {
+        "format": SPLIT_FORMAT,
+        "shots": shots,
+        "seed": seed,
+        "num_classes": len(source.classnames),
+        "classnames_sha1": _sha1("\n".join(source.classnames)),
+        "fingerprint": source.fingerprint(),
+    }
     wrong = {k: (split.get(k), v) for k, v in expected.items() if split.get(k) != v}
     if wrong:
         diff = ", ".join(f"{k}: file {a!r} vs {b!r}" for k, (a, b) in wrong.items())
@@ -141,6 +154,8 @@ def resolve_indices(source: ImageSource, split_name: str, keys: Sequence[Any]) -
     index = {k: i for i, k in enumerate(source.keys(split_name))}
     missing = [k for k in keys if k not in index]
     if missing:
-        raise ValueError(f"{len(missing)} items of the split file are gone from {source.name} "
-                         f"({missing[:3]}); delete the split file to resample")
+        raise ValueError(
+            f"{len(missing)} items of the split file are gone from {source.name} "
+            f"({missing[:3]}); delete the split file to resample"
+        )
     return [index[k] for k in keys]

@@ -57,12 +57,18 @@ class HubSource(ImageSource):
         obj = self._open(spec, data_dir, hf_config, cache_dir)
         dsd: dict[str, Any] = dict(obj) if isinstance(obj, datasets.DatasetDict) else {"train": obj}
 
-        def pick(given: str | None, known_value: str | None, candidates: tuple[str, ...], role: str,
-                 exclude: tuple[str | None, ...] = ()) -> str | None:
+        def pick(
+            given: str | None,
+            known_value: str | None,
+            candidates: tuple[str, ...],
+            role: str,
+            exclude: tuple[str | None, ...] = (),
+        ) -> str | None:
             if given is not None:
                 if given not in dsd:
                     raise ValueError(
-                        f"{spec}: no split {given!r} for {role}; splits: {sorted(dsd)}")
+                        f"{spec}: no split {given!r} for {role}; splits: {sorted(dsd)}"
+                    )
                 return given
             if known_value in dsd:
                 return known_value
@@ -72,33 +78,56 @@ class HubSource(ImageSource):
         if train is None:
             raise ValueError(f"{spec}: no 'train' split (splits: {sorted(dsd)}); pass train_split")
         features = dsd[train].features
-        self.image_column = image_column or (known.image_column if known else None) or next(
-            (k for k, f in features.items() if isinstance(f, datasets.Image)), None)
-        self.label_column = label_column or (known.label_column if known else None) or (
-            "label" if "label" in features else next(
-                (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None))
+        self.image_column = (
+            image_column
+            or (known.image_column if known else None)
+            or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+        )
+        self.label_column = (
+            label_column
+            or (known.label_column if known else None)
+            or (
+                "label"
+                if "label" in features
+                else next(
+                    (k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None
+                )
+            )
+        )
         for role, col in (("image_column", self.image_column), ("label_column", self.label_column)):
             if col is None or col not in features:
-                raise ValueError(f"{spec}: cannot find the {role} ({col!r}) among the features "
-                                 f"{dict(features)}; pass {role}=...")
+                raise ValueError(
+                    f"{spec}: cannot find the {role} ({col!r}) among the features "
+                    f"{dict(features)}; pass {role}=..."
+                )
 
-        test = pick(test_split, known and known.test_split, _TEST_NAMES, "test",
-                    exclude=(train,)) if test_split or known else self._labelled_test(dsd, train)
+        test = (
+            pick(test_split, known and known.test_split, _TEST_NAMES, "test", exclude=(train,))
+            if test_split or known
+            else self._labelled_test(dsd, train)
+        )
         val = pick(val_split, None, _VAL_NAMES, "val", exclude=(train, test))
         self._splits = {"train": train}
         self._splits.update({k: v for k, v in (("val", val), ("test", test)) if v})
         self._data = {
-            role: dsd[name].select_columns([self.image_column]).cast_column(
-                self.image_column, datasets.Image(decode=False))
+            role: dsd[name]
+            .select_columns([self.image_column])
+            .cast_column(self.image_column, datasets.Image(decode=False))
             for role, name in self._splits.items()
         }
-        self._labels = {role: [int(v) for v in dsd[name][self.label_column]]
-                        for role, name in self._splits.items()}
+        self._labels = {
+            role: [int(v) for v in dsd[name][self.label_column]]
+            for role, name in self._splits.items()
+        }
         self._fingerprint = f"{getattr(dsd[train], '_fingerprint', '')}-{len(dsd[train])}"
         self.classnames = self._classnames(features[self.label_column], known)
         self.templates = list(known.templates) if known else list(DEFAULT_TEMPLATES)
-        log.info("HF dataset %s: %d classes, splits %s", spec, len(self.classnames),
-                 {r: f"{n} ({len(self._labels[r])})" for r, n in self._splits.items()})
+        log.info(
+            "HF dataset %s: %d classes, splits %s",
+            spec,
+            len(self.classnames),
+            {r: f"{n} ({len(self._labels[r])})" for r, n in self._splits.items()},
+        )
 
     @staticmethod
     def _open(spec: str, data_dir: str | None, hf_config: str | None, cache_dir: str | None) -> Any:

@@ -122,8 +122,12 @@ class FolderSource(ImageSource):
         for split, folder in folders.items():
             if folder is not None:
                 self._items[split] = self._scan(folder, required=split == "train")
-        log.info("image folder %s: %d classes, splits %s", self.root, len(self.classnames),
-                 {s: len(v[0]) for s, v in self._items.items()})
+        log.info(
+            "image folder %s: %d classes, splits %s",
+            self.root,
+            len(self.classnames),
+            {s: len(v[0]) for s, v in self._items.items()},
+        )
 
     def _split_dir(self, split: str) -> Path | None:
         names = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}[split]
@@ -136,8 +140,9 @@ class FolderSource(ImageSource):
         paths: list[Path] = []
         labels: list[int] = []
         present = {d.name for d in folder.iterdir() if d.is_dir()}
-        loose = [p for p in folder.iterdir()
-                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = [
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         if loose and not present:
             raise ValueError(
                 f"{folder} holds images directly ({loose[0].name}, ...) but no class folders: "
@@ -152,12 +157,16 @@ class FolderSource(ImageSource):
                 log.warning("split folder %s has no folder for class %r", folder, cls)
                 continue
             files = sorted(
-                Path(dp) / f for dp, _, fs in os.walk(cdir) for f in fs
+                Path(dp) / f
+                for dp, _, fs in os.walk(cdir)
+                for f in fs
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
             )
             if not files:
-                message = (f"class folder {cdir} has no images (extensions "
-                           f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+                message = (
+                    f"class folder {cdir} has no images (extensions "
+                    f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                )
                 if required:
                     raise ValueError(message)
                 log.warning(message)

@@ -22,25 +22,32 @@ def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize (shorter side), centre crop and normalise: open_clip's eval preprocessing."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(image_size, interpolation=BICUBIC, antialias=True),
-        v2.CenterCrop(image_size),
-        *_finish(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(image_size, interpolation=BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            *_finish(mean, std),
+        ]
+    )
 
 
 def train_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float],
-    crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True, augment: bool = True,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
+    augment: bool = True,
 ) -> v2.Compose:
     """CoOp's augmentation: random resized crop and flip (``augment=False``: eval transform)."""
     if not augment:
         return eval_transform(image_size, mean, std)
     steps: list[v2.Transform] = [
         v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=BICUBIC,
-                             antialias=True),
+        v2.RandomResizedCrop(
+            image_size, scale=tuple(crop_scale), interpolation=BICUBIC, antialias=True
+        ),
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())

@@ -24,7 +24,8 @@ def _check_model_name(name: str) -> None:
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ValueError(
             f"unknown open_clip model {name!r}.{hint} See open_clip.list_models() for all "
-            f"{len(known)} names (OpenAI weights need the '-quickgelu' variants, e.g. ViT-B-32-quickgelu)."
+            f"{len(known)} names (OpenAI weights need the '-quickgelu' variants, "
+            "e.g. ViT-B-32-quickgelu)."
         )
 
 
@@ -65,7 +66,9 @@ def load_clip(
         register_tiny_clip()
     _check_model_name(name)
     resolved = _resolve_pretrained(name, pretrained)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=resolved, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=resolved, device=device
+    )
     tokenizer = open_clip.get_tokenizer(name)
     model.eval()
     log.info("loaded open_clip %s (pretrained=%s)", name, pretrained)

@@ -116,17 +116,30 @@ def ensure_teacher_checkpoint(
     with FileLock(str(root / f"{stem}.lock")):
         if path.is_file():  # another process finished while we waited
             return path
-        log.info("pretraining the %s teacher for world seed %d (%d steps, cached at %s)",
-                 MODEL_NAME, world_seed, config.steps, path)
+        log.info(
+            "pretraining the %s teacher for world seed %d (%d steps, cached at %s)",
+            MODEL_NAME,
+            world_seed,
+            config.steps,
+            path,
+        )
         start = time.perf_counter()
         model = pretrain_tiny_clip(world_seed, config)
         seconds = time.perf_counter() - start
-        report = {"world_seed": world_seed, "pretrain_seconds": round(seconds, 1),
-                  "steps": config.steps, "batch_size": config.batch_size,
-                  "fingerprint": recipe_fingerprint(world_seed, config)}
+        report = {
+            "world_seed": world_seed,
+            "pretrain_seconds": round(seconds, 1),
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "fingerprint": recipe_fingerprint(world_seed, config),
+        }
         report.update(zero_shot_report(model, world_seed, config.world, config.eval_per_class))
-        log.info("p4q-tiny pretrained in %.0f s; held-out zero-shot top-1 %.1f %% on %d classes",
-                 seconds, 100 * report["zero_shot_top1"], report["num_classes"])
+        log.info(
+            "p4q-tiny pretrained in %.0f s; held-out zero-shot top-1 %.1f %% on %d classes",
+            seconds,
+            100 * report["zero_shot_top1"],
+            report["num_classes"],
+        )
         tmp = path.with_suffix(".tmp")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp), metadata={k: str(v) for k, v in report.items()})
@@ -168,8 +181,9 @@ def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch
     return x @ model.text_projection
 
 
-def encode_text_bucketed(model: torch.nn.Module, tokens: torch.Tensor,
-                         buckets: int = 2) -> torch.Tensor:
+def encode_text_bucketed(
+    model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 2
+) -> torch.Tensor:
     """``encode_text_truncated`` over length-sorted groups, so short captions skip the padding."""
     order = tokens.argmax(dim=-1).argsort()
     proj = model.text_projection
@@ -225,8 +239,9 @@ def pretrain_tiny_clip(
             for o in opt:
                 o.step()
             if (step + 1) % every == 0 or step == 0:
-                log.info("p4q-tiny pretraining step %d/%d loss %.3f", step + 1, cfg.steps,
-                         loss.item())
+                log.info(
+                    "p4q-tiny pretraining step %d/%d loss %.3f", step + 1, cfg.steps, loss.item()
+                )
             if callback is not None:
                 callback(step + 1, model)
     model.token_embedding.sparse = False
@@ -234,8 +249,9 @@ def pretrain_tiny_clip(
     return model
 
 
-def sample_grouped_scenes(n: int, world: WorldConfig, gen: torch.Generator,
-                          group_size: int) -> Scenes:
+def sample_grouped_scenes(
+    n: int, world: WorldConfig, gen: torch.Generator, group_size: int
+) -> Scenes:
     """A batch of scenes in groups of look-alikes that differ in one attribute.
 
     Random batches are mostly separable by colour alone, which a tiny ViT learns first and
@@ -257,8 +273,9 @@ def sample_grouped_scenes(n: int, world: WorldConfig, gen: torch.Generator,
     }
     varying = (torch.arange(total) // group_size) % 3  # 0: shape, 1: texture, 2: size differ
     attrs = {}
-    for k, (name, vocab) in enumerate((("shape", world.shapes), ("texture", world.textures),
-                                       ("size", world.sizes))):
+    for k, (name, vocab) in enumerate(
+        (("shape", world.shapes), ("texture", world.textures), ("size", world.sizes))
+    ):
         attrs[name] = torch.where(varying == k, free[name], shared(len(vocab)))[:n]
     colour = shared(len(world.colours))[:n]
     return sample_scenes(n, world, gen, colour=colour, **attrs)
@@ -274,9 +291,15 @@ def _make_optimizers(model: torch.nn.Module, cfg: PretrainConfig) -> list[torch.
         if p is table:
             continue
         (decay if p.ndim >= 2 and "embedding" not in n else rest).append(p)
-    dense = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98),
-                              foreach=True)
+    dense = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        foreach=True,
+    )
     return [dense, torch.optim.SparseAdam([table], lr=cfg.lr, betas=(0.9, 0.98))]
 
 
@@ -293,7 +316,10 @@ def zero_shot_classifier(
 
 @torch.no_grad()
 def zero_shot_accuracy(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: torch.Tensor,
     batch_size: int = 512,
 ) -> float:
     """Top-1 accuracy of ``classifier`` on uint8 images (micro average)."""

@@ -133,4 +133,3 @@ def load_metadata(module: P4QModule, checkpoint: Mapping[str, Any]) -> None:
             )
     if meta.get("classnames") and not module.classnames:
         module.set_classes(meta["classnames"], meta.get("templates"))
-

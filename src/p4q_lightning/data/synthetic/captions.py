@@ -48,12 +48,29 @@ SIZE_ADJ = {
     "large": ("large", "large", "big", "huge"),
 }
 PREFIXES = (
-    "a photo of", "an image of", "a picture of", "a drawing of", "a rendering of",
-    "a simple synthetic image of", "here we can see", "this picture shows", "look at",
-    "a low resolution photo of", "a computer generated picture showing", "an illustration of",
+    "a photo of",
+    "an image of",
+    "a picture of",
+    "a drawing of",
+    "a rendering of",
+    "a simple synthetic image of",
+    "here we can see",
+    "this picture shows",
+    "look at",
+    "a low resolution photo of",
+    "a computer generated picture showing",
+    "an illustration of",
 )
-SUFFIXES = ("", "", "in the picture", "drawn by a computer", "nothing else", "on a screen",
-            "seen from above", "in a tiny image")
+SUFFIXES = (
+    "",
+    "",
+    "in the picture",
+    "drawn by a computer",
+    "nothing else",
+    "on a screen",
+    "seen from above",
+    "in a tiny image",
+)
 
 
 def _article(word: str) -> str:
@@ -95,8 +112,12 @@ class CaptionWriter:
         w = self.world
         out = []
         for i in range(len(scenes)):
-            words = (w.sizes[int(scenes.size[i])], w.colours[int(scenes.colour[i])],
-                     w.textures[int(scenes.texture[i])], w.shapes[int(scenes.shape[i])])
+            words = (
+                w.sizes[int(scenes.size[i])],
+                w.colours[int(scenes.colour[i])],
+                w.textures[int(scenes.texture[i])],
+                w.shapes[int(scenes.shape[i])],
+            )
             out.append(f"a {' '.join(words)}.")
         return out
 
@@ -134,8 +155,9 @@ class CaptionWriter:
         if bool(scenes.has_distractor[i]) and r.random() < c.p_distractor:
             d_col = w.colours[int(scenes.d_colour[i])]
             d_shape = w.shapes[int(scenes.d_shape[i])]
-            link = r.choice(("and a small", "next to a tiny", "with a little",
-                             "in front of a small"))
+            link = r.choice(
+                ("and a small", "next to a tiny", "with a little", "in front of a small")
+            )
             phrase = f"{phrase} {link} {d_col} {d_shape}"
         extras = []
         if r.random() < c.p_position:

@@ -54,12 +54,17 @@ class WorldConfig:
     position_grid: int = 8
 
     def __post_init__(self) -> None:
-        for name, known in (("colours", PALETTE), ("shapes", SHAPES), ("textures", TEXTURES),
-                            ("sizes", SIZES)):
+        for name, known in (
+            ("colours", PALETTE),
+            ("shapes", SHAPES),
+            ("textures", TEXTURES),
+            ("sizes", SIZES),
+        ):
             unknown = [w for w in getattr(self, name) if w not in known]
             if unknown:
                 raise ValueError(
-                    f"WorldConfig.{name}: unknown words {unknown}; known: {list(known)}")
+                    f"WorldConfig.{name}: unknown words {unknown}; known: {list(known)}"
+                )
         if self.image_size < 16:
             raise ValueError(f"WorldConfig.image_size={self.image_size}: use at least 16 pixels")
 
@@ -127,8 +132,10 @@ def sample_scenes(
         lo = torch.ceil(margin / step) * step
         hi = torch.floor((s - margin) / step) * step
         middle = torch.full_like(cx, s / 2)
-        cx, cy = (torch.where(lo <= hi, (torch.round(c / step) * step).clamp(lo, hi), middle)
-                  for c in (cx, cy))
+        cx, cy = (
+            torch.where(lo <= hi, (torch.round(c / step) * step).clamp(lo, hi), middle)
+            for c in (cx, cy)
+        )
     angle = _uniform(n, -cfg.max_rotation, cfg.max_rotation, g)
     grey = _uniform(n, 0.2, 0.75, g)[:, None]
     tint = (torch.rand(n, 3, generator=g) - 0.5) * _uniform(n, 0.0, 0.4, g)[:, None]
@@ -142,8 +149,25 @@ def sample_scenes(
     d_cx = d_radius + (s - 2 * d_radius) * torch.rand(n, generator=g)
     d_cy = d_radius + (s - 2 * d_radius) * torch.rand(n, generator=g)
     noise = _uniform(n, 0.0, cfg.max_noise, g)
-    return Scenes(colour, shape, texture, size, radius, cx, cy, angle, bg, bg_grad,
-                  has_distractor, d_colour, d_shape, d_radius, d_cx, d_cy, noise)
+    return Scenes(
+        colour,
+        shape,
+        texture,
+        size,
+        radius,
+        cx,
+        cy,
+        angle,
+        bg,
+        bg_grad,
+        has_distractor,
+        d_colour,
+        d_shape,
+        d_radius,
+        d_cx,
+        d_cy,
+        noise,
+    )
 
 
 def _shape_mask(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -165,8 +189,9 @@ def _shape_mask(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown shape {name!r}")
 
 
-def _texture(name: str, xs: torch.Tensor, ys: torch.Tensor, theta: torch.Tensor,
-             period: float) -> torch.Tensor:
+def _texture(
+    name: str, xs: torch.Tensor, ys: torch.Tensor, theta: torch.Tensor, period: float
+) -> torch.Tensor:
     """Boolean mask of the darker pattern pixels of one texture (phase already in xs, ys)."""
     if name == "striped":
         along = xs * torch.cos(theta) + ys * torch.sin(theta)
@@ -192,8 +217,9 @@ def _by_group(index: torch.Tensor, names: tuple[str, ...], fn, *args: torch.Tens
     return out
 
 
-def render(scenes: Scenes, cfg: WorldConfig, generator: torch.Generator,
-           supersample: int = 2) -> torch.Tensor:
+def render(
+    scenes: Scenes, cfg: WorldConfig, generator: torch.Generator, supersample: int = 2
+) -> torch.Tensor:
     """Draw the scenes as a uint8 tensor [N, 3, H, W] (anti-aliased by supersampling)."""
     n, s, ss = len(scenes), cfg.image_size, supersample
     coords = (torch.arange(s * ss, dtype=torch.float32) + 0.5) / ss
@@ -201,10 +227,13 @@ def render(scenes: Scenes, cfg: WorldConfig, generator: torch.Generator,
     x, y = x.expand(n, -1, -1), y.expand(n, -1, -1)
     col = lambda t: t[:, None, None]  # noqa: E731
 
-    img = scenes.bg[:, :, None, None] + (
-        scenes.bg_grad[:, 0, None, None] * (x - s / 2)
-        + scenes.bg_grad[:, 1, None, None] * (y - s / 2)
-    )[:, None]
+    img = (
+        scenes.bg[:, :, None, None]
+        + (
+            scenes.bg_grad[:, 0, None, None] * (x - s / 2)
+            + scenes.bg_grad[:, 1, None, None] * (y - s / 2)
+        )[:, None]
+    )
     palette = torch.tensor([PALETTE[w] for w in cfg.colours])
 
     # Distractor first, so the main object is drawn over it.
@@ -225,8 +254,14 @@ def render(scenes: Scenes, cfg: WorldConfig, generator: torch.Generator,
     period = max(3.0, s / 8.0)
     phase = torch.rand(n, 2, generator=generator)[:, :, None, None] * period
     theta = (torch.randint(4, (n,), generator=generator).float() * (math.pi / 4))[:, None, None]
-    pattern = _by_group(scenes.texture, cfg.textures, partial(_texture, period=period),
-                        x + phase[:, 0], y + phase[:, 1], theta.expand_as(x))
+    pattern = _by_group(
+        scenes.texture,
+        cfg.textures,
+        partial(_texture, period=period),
+        x + phase[:, 0],
+        y + phase[:, 1],
+        theta.expand_as(x),
+    )
     obj = torch.where(pattern[:, None], (rgb * 0.35)[:, :, None, None], rgb[:, :, None, None])
     img = torch.where(mask[:, None], obj, img)
 
