@@ -28,6 +28,7 @@ def _log_to_console() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
+        pkg.propagate = False  # one line per message even when the root logger has a handler
 
 
 def _dispatch(name: str, argv: list[str]) -> int | None:

@@ -39,6 +39,25 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, title: st
     return _save(fig, path)
 
 
+def _draw_similarity(
+    fig: Any, axes: Sequence[Any], matrices: Mapping[str, np.ndarray], labels: Sequence[str]
+) -> None:
+    """One matrix per axis with a shared colour scale and one colour bar."""
+    lo = min(float(np.min(m)) for m in matrices.values())
+    hi = max(float(np.max(m)) for m in matrices.values())
+    n = len(labels)
+    image = None
+    for ax, name in zip(axes, matrices, strict=False):
+        image = ax.imshow(matrices[name], vmin=lo, vmax=hi, cmap="viridis")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(n), [s[:12] for s in labels], rotation=90, fontsize=6)
+        ax.set_yticks(range(n), [s[:12] for s in labels], fontsize=6)
+        ax.set_xlabel("text (class)", fontsize=8)
+    axes[0].set_ylabel("image (label)", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8, label="cosine similarity")
+
+
 def similarity_matrices(
     matrices: Mapping[str, np.ndarray], labels: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
@@ -48,22 +67,40 @@ def similarity_matrices(
     shows a bright diagonal.
     """
     names = list(matrices)
-    lo = min(float(np.min(m)) for m in matrices.values())
-    hi = max(float(np.max(m)) for m in matrices.values())
-    n = len(labels)
     fig, axes = plt.subplots(1, len(names), figsize=(0.5 + 3.2 * len(names), 3.4), squeeze=False)
-    image = None
-    for ax, name in zip(axes[0], names, strict=False):
-        image = ax.imshow(matrices[name], vmin=lo, vmax=hi, cmap="viridis")
-        ax.set_title(name, fontsize=10)
-        ax.set_xticks(range(n), [s[:12] for s in labels], rotation=90, fontsize=6)
-        ax.set_yticks(range(n), [s[:12] for s in labels], fontsize=6)
-        ax.set_xlabel("text (class)", fontsize=8)
-    axes[0][0].set_ylabel("image (label)", fontsize=8)
-    if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
+    _draw_similarity(fig, axes[0].tolist(), matrices, labels)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def demo_figure(
+    rows: Sequence[Mapping[str, Any]],
+    matrices: Mapping[str, np.ndarray],
+    labels: Sequence[str],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """The demo's one picture: top-1/top-5 bars per method (top) over similarity matrices.
+
+    ``rows`` hold ``method``, ``bits``, ``top1`` and ``top5`` in percent.
+    """
+    n = max(1, len(matrices))
+    fig = plt.figure(figsize=(max(9.0, 3.2 * n + 0.5), 7.6))
+    grid = fig.add_gridspec(2, n, height_ratios=[1.0, 1.1], hspace=0.55)
+    ax = fig.add_subplot(grid[0, :])
+    x = np.arange(len(rows))
+    for offset, key, color in ((-0.2, "top1", "#3b6ea8"), (0.2, "top5", "#a8c6e8")):
+        bars = ax.bar(x + offset, [float(r[key]) for r in rows], 0.4, label=key, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(x, [f"{r['method']}\n{r['bits']}" for r in rows])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "accuracy on the test split")
+    if matrices:
+        axes = [fig.add_subplot(grid[1, i]) for i in range(n)]
+        _draw_similarity(fig, axes, matrices, labels)
     return _save(fig, path)
 
 

@@ -144,5 +144,5 @@ def test_unreachable_probe_is_bounded(monkeypatch) -> None:
 
 
 def test_bad_option() -> None:
-    with pytest.raises(ValueError, match="on="):
-        ComparisonCallback(on="never", wandb_fallback=False)
+    with pytest.raises(ValueError, match="after="):
+        ComparisonCallback(after="never", wandb_fallback=False)

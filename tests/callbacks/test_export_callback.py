@@ -95,5 +95,5 @@ def test_float_methods_are_skipped(world, tmp_path) -> None:
 
 
 def test_bad_option() -> None:
-    with pytest.raises(ValueError, match="on="):
-        LowBitExportCallback(on="never")
+    with pytest.raises(ValueError, match="after="):
+        LowBitExportCallback(after="never")

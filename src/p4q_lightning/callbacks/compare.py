@@ -56,7 +56,7 @@ class ComparisonCallback(Callback):
     """Compare the float zero-shot teacher, the PTQ student and the trained student.
 
     Args:
-        on: ``test`` (after ``trainer.test``) or ``fit`` (after training, on the test loader).
+        after: ``test`` (after ``trainer.test``) or ``fit`` (after training, on the test loader).
         max_batches: evaluate at most this many test batches (None: the whole split).
         n_similarity: test images (distinct classes when possible) in the similarity figure.
         dirname: sub-directory of the run directory for the CSV/JSON/PNGs.
@@ -65,31 +65,32 @@ class ComparisonCallback(Callback):
 
     def __init__(
         self,
-        on: str = "test",
+        after: str = "test",
         max_batches: int | None = None,
         n_similarity: int = 8,
         dirname: str = "comparison",
         wandb_fallback: bool = True,
     ) -> None:
-        if on not in ("test", "fit"):
-            raise ValueError(f"on={on!r}: use 'test' or 'fit'")
-        self.on, self.max_batches, self.n_similarity, self.dirname = (
-            on,
+        if after not in ("test", "fit"):
+            raise ValueError(f"after={after!r}: use 'test' or 'fit'")
+        self.after, self.max_batches, self.n_similarity, self.dirname = (
+            after,
             max_batches,
             n_similarity,
             dirname,
         )
         self.rows: list[dict[str, Any]] = []
         self.files: dict[str, Path] = {}
+        self.similarity: tuple[dict[str, torch.Tensor], list[str]] = ({}, [])
         if wandb_fallback:
             resolve_wandb_mode()
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.on == "test":
+        if self.after == "test":
             self.compare(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.on == "fit":
+        if self.after == "fit":
             self.compare(trainer, pl_module)
 
     @rank_zero_only
@@ -102,7 +103,7 @@ class ComparisonCallback(Callback):
                 rows, matrices, labels = self.evaluate(pl_module, loader, _data_info(trainer))
         finally:
             pl_module.train(was_training)
-        self.rows = rows
+        self.rows, self.similarity = rows, (matrices, labels)
         out = run_dir(trainer) / self.dirname
         self.files = write_outputs(out, rows, matrices, labels, _run_info(pl_module, trainer))
         self._log(trainer, rows)

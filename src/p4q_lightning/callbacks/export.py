@@ -33,18 +33,18 @@ class LowBitExportCallback(Callback):
     Args:
         dirpath: output directory (default: the run directory, see :func:`run_dir`).
         filename: file name inside ``dirpath``.
-        on: ``fit`` (end of training), ``test`` (end of testing) or ``both``.
+        after: ``fit`` (end of training), ``test`` (end of testing) or ``both``.
     """
 
     def __init__(
         self,
         dirpath: str | None = None,
         filename: str = "model-lowbit.safetensors",
-        on: str = "fit",
+        after: str = "fit",
     ) -> None:
-        if on not in ("fit", "test", "both"):
-            raise ValueError(f"on={on!r}: use 'fit', 'test' or 'both'")
-        self.dirpath, self.filename, self.on = dirpath, filename, on
+        if after not in ("fit", "test", "both"):
+            raise ValueError(f"after={after!r}: use 'fit', 'test' or 'both'")
+        self.dirpath, self.filename, self.after = dirpath, filename, after
         self.report: ExportReport | None = None
 
     def path(self, trainer: Trainer) -> Path:
@@ -53,11 +53,11 @@ class LowBitExportCallback(Callback):
         )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.on in ("fit", "both"):
+        if self.after in ("fit", "both"):
             self.export(trainer, pl_module)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.on in ("test", "both"):
+        if self.after in ("test", "both"):
             self.export(trainer, pl_module)
 
     @rank_zero_only
