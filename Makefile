@@ -28,7 +28,7 @@ demo: install
 	$(VENV)/bin/p4q demo --seed $(SEED)
 
 bench: install
-	$(PY) benchmarks/bench_fakequant.py
+	PY=$(abspath $(PY)) benchmarks/run_all.sh
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

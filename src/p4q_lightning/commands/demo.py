@@ -14,6 +14,8 @@ import csv
 import logging
 import os
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +122,8 @@ def run_demo(
         raise FileNotFoundError(f"demo config {config} does not exist")
     _check_writable(out)
     resolve_wandb_mode()
+    # the demo passes LightningCLI its arguments on purpose; its own argv is not for Lightning
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     similarity: dict[str, Any] = {}
     labels: list[str] = []
@@ -233,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     from p4q_lightning.cli import _log_to_console
 
     _log_to_console()
+    start = time.perf_counter()
     result = run_demo(args.seed, args.out, args.config, overrides)
+    minutes = (time.perf_counter() - start) / 60
     sys.stdout.write("\n" + format_table(result.rows) + "\n\n")
+    sys.stdout.write(f"seed {args.seed}: done in {minutes:.1f} min\n")
     sys.stdout.write(f"CSV:    {result.csv}\nFigure: {result.figure}\n")
     return 0
 
