@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 run() { echo; echo "## $*"; echo; "$PY" "$@"; }
 run benchmarks/bench_fakequant.py                       # fake-quant eval speed vs float
 run benchmarks/bench_train_step.py --classes 100        # P4Q step: cached features vs live
-run benchmarks/bench_train_step.py --classes 1000 --chunk 250 --checkpointing
 run benchmarks/bench_text_memory.py                     # 1,000-class text step memory
 run benchmarks/export_size.py                           # low-bit file sizes vs float32
 run benchmarks/bench_int8.py --preset w8a8              # real int8 GEMMs vs float32

@@ -11,3 +11,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+import pytest  # noqa: E402
+
+import tiny_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict:
+    """A registered tiny open_clip config and a small generated image-folder dataset (read-only)."""
+    root = tmp_path_factory.mktemp("world")
+    return {
+        "root": root,
+        "config": tiny_world.write_model_config(root / "cfg"),
+        "data": tiny_world.write_image_folder(root / "data"),
+    }

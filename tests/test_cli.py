@@ -19,16 +19,6 @@ from p4q_lightning import cli
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cli")
-    return {
-        "root": root,
-        "config": tiny_world.write_model_config(root / "cfg"),
-        "data": tiny_world.write_image_folder(root / "data"),
-    }
-
-
 def tiny_config(world, tmp: Path, **trainer) -> Path:
     config = {
         "seed_everything": 0,

@@ -13,19 +13,6 @@ from p4q_lightning.cli import main as cli_main  # noqa: E402
 from p4q_lightning.export import load_lowbit  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402
 
-MINMAX = {
-    g: {"a_observer": "minmax"}
-    for g in (
-        "patch_embed",
-        "attn_qkv",
-        "attn_out",
-        "attn_internals",
-        "mlp_fc",
-        "mlp_proj",
-        "adapter",
-    )
-}
-
 
 def _fake_run(root: Path, name: str, bits: int, shots: int, seed: int, top1: float) -> Path:
     run = root / name / "comparison"
@@ -122,7 +109,7 @@ def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
         pretrained=None,
         model_config=str(config),
         quant="w8a8",
-        quant_overrides=MINMAX,
+        quant_overrides=tiny_world.MINMAX,
         n_ctx=4,
         feature_views=1,
     )

@@ -26,15 +26,6 @@ def _fewshot_available() -> bool:
 HAS_FEWSHOT = _fewshot_available()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exp")
-    return {
-        "config": tiny_world.write_model_config(root / "cfg"),
-        "data": tiny_world.write_image_folder(root / "data"),
-    }
-
-
 def test_experiments_exist():
     names = {p.name for p in EXPERIMENTS}
     for required in (

@@ -17,16 +17,6 @@ from p4q_lightning.module import P4QModule
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("world")
-    return {
-        "root": root,
-        "config": tiny_world.write_model_config(root / "cfg"),
-        "data": tiny_world.write_image_folder(root / "data"),
-    }
-
-
 def make_module(world, **kw) -> P4QModule:
     args = dict(
         model_name=tiny_world.MODEL_NAME,

@@ -17,6 +17,19 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 MODEL_NAME = "tiny-test-vit"
+# min-max activation ranges: fast calibration (OMSE's shrink search is what makes it slow)
+MINMAX = {
+    g: {"a_observer": "minmax"}
+    for g in (
+        "patch_embed",
+        "attn_qkv",
+        "attn_out",
+        "attn_internals",
+        "mlp_fc",
+        "mlp_proj",
+        "adapter",
+    )
+}
 CONFIG = {
     "embed_dim": 32,
     "quick_gelu": True,

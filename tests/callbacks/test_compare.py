@@ -14,19 +14,6 @@ from p4q_lightning.callbacks.compare import ComparisonCallback
 from p4q_lightning.module import P4QModule
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
-MINMAX = {
-    g: {"a_observer": "minmax"}
-    for g in (
-        "patch_embed",
-        "attn_qkv",
-        "attn_out",
-        "attn_internals",
-        "mlp_fc",
-        "mlp_proj",
-        "adapter",
-    )
-}
-
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
@@ -38,7 +25,7 @@ def fitted(tmp_path_factory):
         pretrained=None,
         model_config=str(config),
         quant="w4a4",
-        quant_overrides=MINMAX,
+        quant_overrides=tiny_world.MINMAX,
         n_ctx=4,
         feature_views=1,
     )

@@ -10,37 +10,13 @@ from p4q_lightning.export import load_lowbit, read_container  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    return {
-        "config": tiny_world.write_model_config(root / "cfg"),
-        "data": tiny_world.write_image_folder(root / "data"),
-    }
-
-
-# min-max activation ranges: fast calibration (OMSE's search is what makes calibration slow)
-MINMAX = {
-    g: {"a_observer": "minmax"}
-    for g in (
-        "patch_embed",
-        "attn_qkv",
-        "attn_out",
-        "attn_internals",
-        "mlp_fc",
-        "mlp_proj",
-        "adapter",
-    )
-}
-
-
 def make_module(world, **kw) -> P4QModule:
     args = dict(
         model_name=tiny_world.MODEL_NAME,
         pretrained=None,
         model_config=str(world["config"]),
         quant="w4a4",
-        quant_overrides=MINMAX,
+        quant_overrides=tiny_world.MINMAX,
         n_ctx=4,
         prompt_lr=0.05,
         adapter_lr=0.01,

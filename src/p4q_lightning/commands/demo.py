@@ -122,14 +122,15 @@ def run_demo(
         raise FileNotFoundError(f"demo config {config} does not exist")
     _check_writable(out)
     resolve_wandb_mode()
-    # the demo passes LightningCLI its arguments on purpose; its own argv is not for Lightning
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     similarity: dict[str, Any] = {}
     labels: list[str] = []
     for method, quant in RUNS:
         log.info("demo run: %s %s (seed %d)", method, quant, seed)
-        cli = cli_main(run_args(seed, method, quant, out, config, overrides))
+        with warnings.catch_warnings():
+            # the demo hands LightningCLI its arguments on purpose; its own argv is not Lightning's
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = cli_main(run_args(seed, method, quant, out, config, overrides))
         _finish_wandb_run()  # the next run's WandbLogger must start a new W&B run
         comparison = _comparison(cli)
         for row in map(_demo_row, comparison.rows):
