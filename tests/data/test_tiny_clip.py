@@ -84,6 +84,23 @@ def test_checkpoint_is_cached_deterministic_and_loadable(quick_checkpoints, monk
     assert torch.equal(model.state_dict()["text_projection"], a["text_projection"])
 
 
+def test_teacher_does_not_depend_on_the_callers_thread_count():
+    """`make test` (one thread) and `make demo` (all cores) must cache the same teacher."""
+    config = PretrainConfig(
+        steps=3, batch_size=16, warmup_steps=1, warmup_text_frozen_steps=1, eval_per_class=1
+    )
+    old = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            weights.append(tiny_clip.pretrain_tiny_clip(5, config).state_dict())
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_different_world_seed_gives_different_weights(quick_checkpoints):
     a = load_file(quick_checkpoints["a"])
     b = load_file(quick_checkpoints["other_seed"])

@@ -65,7 +65,10 @@ class PretrainConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     eval_per_class: int = 50  # held-out test images per class for the zero-shot report
-    threads: int | None = None  # torch threads while pretraining; None keeps the current count
+    # torch threads while pretraining (None keeps the caller's count). Fixed by default: float
+    # reductions split differently per thread count, so the cached teacher would otherwise
+    # depend on who pretrained it first (the test suite runs with one thread, `make demo` not).
+    threads: int | None = 2
 
 
 def register_tiny_clip() -> str:
