@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,6 @@ class DemoResult:
     rows: list[dict[str, Any]]
     csv: Path
     figure: Path
-    similarity: dict[str, Any] = field(default_factory=dict)
-
-    def top1(self, method: str, bits: str) -> float:
-        for row in self.rows:
-            if row["method"] == method and row["bits"] == bits:
-                return float(row["top1"])
-        raise KeyError(f"no row for {method} {bits}")
 
 
 def run_args(
@@ -143,7 +136,7 @@ def run_demo(
     _write_csv(csv_path, table)
     demo_figure(table, similarity, labels, png_path, title=f"synthetic world {seed}: top-1 / top-5")
     _log_to_wandb(seed, out, table, png_path)
-    return DemoResult(table, csv_path, png_path, similarity)
+    return DemoResult(table, csv_path, png_path)
 
 
 def _matrix_title(method: str, quant: str) -> str:
@@ -226,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="world, split and training seed")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/demo-seed<SEED>")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="LightningCLI config")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEMO_CONFIG,
+        help="LightningCLI config (default: the packaged demo_cpu.yaml; "
+        "another must keep its WandbLogger and ComparisonCallback)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
     if "--" in argv:
