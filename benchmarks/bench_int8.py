@@ -7,7 +7,9 @@ random images, and times ``encode_image`` for: the float32 open_clip model, the 
 student, and the student converted to real int8 GEMMs (:func:`convert_to_int8`). Agreement is
 the share of images whose top-1 class (over ``--classes`` prompt features from the student's
 text tower) is the same for int8 and fake-quant. Timings are medians of interleaved runs.
-Prints a markdown table.
+Prints the CPU's int8-relevant flags and the kernel chosen (fbgemm needs VNNI to be exact at
+8 bits; ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` makes any x86 CPU behave like one without it),
+then a markdown table.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from p4q_lightning import calibrate, get_spec, load_clip, quantize
-from p4q_lightning.export import convert_to_int8, int8_backend
+from p4q_lightning.export import convert_to_int8, cpu_int8_report
 from p4q_lightning.quant import ALL_GROUPS
 
 
@@ -99,10 +101,20 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(timed(fn, x))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = sys.stdout
+    cpu = cpu_int8_report()
     out.write(
         f"\n{args.model} ({args.pretrained or 'random weights'}), preset {args.preset}, "
         "image encoder, "
-        f"batch {args.batch}, {args.threads} threads, int8 backend {int8_backend()}\n\n"
+        f"batch {args.batch}, {args.threads} threads, int8 backend {cpu['int8_backend']}\n"
+        f"CPU: torch capability {cpu['cpu_capability']}, flags "
+        f"{' '.join(cpu['cpu_flags']) or 'none of avx2/avx512/vnni'}, fbgemm exact here: "
+        f"{cpu['fbgemm_exact']}"
+        + (
+            f" (FBGEMM_ENABLE_INSTRUCTIONS={cpu['fbgemm_instructions_env']})"
+            if cpu["fbgemm_instructions_env"]
+            else ""
+        )
+        + "\n\n"
     )
     out.write("| path | ms / batch | images / s | speedup vs float32 |\n|---|---:|---:|---:|\n")
     for name in runs:

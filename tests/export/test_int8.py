@@ -1,6 +1,11 @@
 """The int8 CPU path computes the fake-quant student's function with integer GEMMs."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +17,16 @@ from p4q_lightning.export import (
     Int8MultiheadAttention,
     convert_to_int8,
     export_lowbit,
+    fbgemm_exact,
+    int8_backend,
     load_lowbit,
 )
+from p4q_lightning.export import int8 as int8_module
 from p4q_lightning.quant import GroupSpec, QuantLinear
 
-BACKENDS = ["fbgemm", "int_mm"]
+# None = the kernel the library selects on this CPU; it is tested everywhere, never skipped.
+BACKENDS = [None, "fbgemm", "int_mm"]
+SHAPES = [(8, 8), (4, 4), (8, 4), (6, 5)]
 
 
 def _layer(a_bits: int, w_bits: int) -> QuantLinear:
@@ -31,18 +41,87 @@ def _layer(a_bits: int, w_bits: int) -> QuantLinear:
     return layer
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("a_bits,w_bits", [(8, 8), (4, 4), (8, 4), (6, 5)])
-def test_int8_linear_matches_fake_quant(backend: str, a_bits: int, w_bits: int) -> None:
-    if backend == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
-        pytest.skip("fbgemm not built into this torch")
-    layer = _layer(a_bits, w_bits)
-    x = torch.randn(5, 7, 48) * 2  # some inputs fall outside the clip range
+def _relative_error(layer: QuantLinear, backend: str | None) -> float:
+    x = torch.randn(5, 7, 48, generator=torch.Generator().manual_seed(1)) * 2  # some clip
     with torch.no_grad():
         ref = layer(x)
         out = Int8Linear.from_quant_linear(layer, backend)(x)
     assert out.shape == ref.shape
-    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("a_bits,w_bits", SHAPES)
+def test_int8_linear_matches_fake_quant(backend: str | None, a_bits: int, w_bits: int) -> None:
+    layer = _layer(a_bits, w_bits)
+    if backend == "fbgemm" and not fbgemm_exact():
+        # where fbgemm would be wrong the library neither selects it nor lets it be forced
+        assert int8_backend() == "int_mm"
+        with pytest.raises(ValueError, match="saturates"):
+            Int8Linear.from_quant_linear(layer, backend)
+        return
+    assert _relative_error(layer, backend) < 1e-5
+
+
+def test_forced_fbgemm_is_refused_where_it_saturates(monkeypatch) -> None:
+    """A CPU without VNNI is simulated by the probe's answer: forcing fbgemm then fails loudly."""
+    monkeypatch.setattr(int8_module, "fbgemm_exact", lambda: False)
+    with pytest.raises(ValueError, match="backend='int_mm'"):
+        Int8Linear.from_quant_linear(_layer(8, 8), "fbgemm")
+    with pytest.raises(ValueError, match="saturates"):
+        convert_to_int8(torch.nn.Sequential(_layer(8, 8)), backend="fbgemm")
+
+
+PROBE_VS_REALITY = """
+import json, torch, sys
+sys.path.insert(0, {tests!r})
+from test_int8 import _forced_fbgemm_error, _layer, _relative_error
+from p4q_lightning.export import cpu_int8_report
+report = cpu_int8_report()
+report["selected_error"] = _relative_error(_layer(8, 8), None)
+report["fbgemm_error"] = _forced_fbgemm_error()
+print(json.dumps(report))
+"""
+
+
+def _forced_fbgemm_error() -> float | None:
+    """fbgemm's real 8-bit error here, bypassing the library's probe (None: not built in)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    from unittest import mock
+
+    with mock.patch.object(int8_module, "fbgemm_exact", lambda: True):
+        return _relative_error(_layer(8, 8), "fbgemm")
+
+
+def test_probe_agrees_with_a_real_8bit_layer() -> None:
+    """The probe says fbgemm is exact exactly when a realistic 8-bit layer computes exactly."""
+    err = _forced_fbgemm_error()
+    if err is None:
+        assert not fbgemm_exact() and int8_backend() == "int_mm"
+        return
+    assert fbgemm_exact() == (err < 1e-5), f"probe {fbgemm_exact()} but real error {err:.3g}"
+
+
+@pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="needs an x86 CPU with fbgemm built into torch",
+)
+def test_avx2_only_cpu_selects_an_exact_kernel() -> None:
+    """fbgemm limited to AVX2 (as on a CPU without VNNI): the library picks ``int_mm`` and the
+    8-bit layer is exact. FBGEMM_ENABLE_INSTRUCTIONS makes any x86 CPU behave that way."""
+    code = PROBE_VS_REALITY.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["fbgemm_instructions_env"] == "AVX2"
+    assert report["selected_error"] < 1e-5
+    assert report["int8_backend"] == ("fbgemm" if report["fbgemm_exact"] else "int_mm")
+    # the probe is right about the real layer (an fbgemm that ignores the variable is exact)
+    assert report["fbgemm_exact"] == (report["fbgemm_error"] < 1e-5), report
 
 
 def test_float_or_per_channel_activations_stay_fake_quant() -> None:

@@ -11,6 +11,8 @@ from p4q_lightning.export.int8 import (
     Int8Linear,
     Int8MultiheadAttention,
     convert_to_int8,
+    cpu_int8_report,
+    fbgemm_exact,
     int8_backend,
 )
 from p4q_lightning.export.loader import LowBitCLIP, load_lowbit
@@ -32,8 +34,10 @@ __all__ = [
     "LowBitCLIP",
     "LowBitFormatError",
     "convert_to_int8",
+    "cpu_int8_report",
     "estimate_lowbit_nbytes",
     "export_lowbit",
+    "fbgemm_exact",
     "float32_nbytes",
     "int8_backend",
     "load_lowbit",

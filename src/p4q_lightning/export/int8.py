@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 
 import torch
@@ -43,25 +44,70 @@ def _prepack_fbgemm(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
 
 
 @functools.cache
-def int8_backend() -> str:
-    """``fbgemm`` when present and exact on this CPU (no int16 saturation), else ``int_mm``."""
+def fbgemm_exact() -> bool:
+    """Whether fbgemm's u8 x s8 GEMM is exact for 8-bit inputs on this CPU.
+
+    Without VNNI (AVX2, or AVX-512 without VNNI) fbgemm multiplies pairs of u8 x s8 products
+    into an int16 intermediate that saturates at 32767; two products of 255 x 127 already
+    exceed it, so full-range 8-bit activations come out wrong. The probe runs exactly that
+    worst case and compares with float arithmetic. False when fbgemm is not built in.
+    """
     if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return "int_mm"
+        return False
     try:
         codes = torch.full((16, 64), 127, dtype=torch.int8)
-        codes[:, 1::2] = -127
-        codes[8:] = 127
+        codes[:8, 1::2] = -127  # rows that stay in int16 range as a control
         scale = torch.full((16,), 0.01)
         packed = _prepack_fbgemm(codes, scale, None)
-        x = torch.full((4, 64), 2.55)
+        x = torch.full((4, 64), 2.55)  # every input at uint8 code 255
         y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 0.01, 0, packed)
-        ref = (torch.full((4, 64), 255.0) @ codes.float().t()) * 1e-4
-        if torch.allclose(y, ref, rtol=1e-5, atol=1e-4):
-            return "fbgemm"
-        log.warning("fbgemm int8 GEMM saturates on this CPU; using torch._int_mm")
     except (RuntimeError, AttributeError) as e:
         log.warning("fbgemm int8 GEMM unavailable (%s); using torch._int_mm", e)
+        return False
+    ref = (torch.full((4, 64), 255.0) @ codes.float().t()) * 1e-4
+    return bool(torch.allclose(y, ref, rtol=1e-5, atol=1e-4))
+
+
+@functools.cache
+def int8_backend() -> str:
+    """The kernel the int8 path uses here: ``fbgemm`` where it is exact, else ``int_mm``."""
+    if fbgemm_exact():
+        return "fbgemm"
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        log.warning("fbgemm int8 GEMM saturates on this CPU (no VNNI); using torch._int_mm")
     return "int_mm"
+
+
+def cpu_int8_report() -> dict[str, object]:
+    """What decides the int8 kernel on this machine, for benchmarks and bug reports."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": [f for f in wanted if f in flags],
+        "fbgemm_instructions_env": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS"),
+        "fbgemm_exact": fbgemm_exact(),
+        "int8_backend": int8_backend(),
+    }
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("fbgemm", "int_mm"):
+        raise ValueError(f"unknown int8 backend {backend!r}: use 'fbgemm' or 'int_mm'")
+    if backend == "fbgemm" and not fbgemm_exact():
+        raise ValueError(
+            "int8 backend 'fbgemm' would give wrong results on this CPU (its int16 "
+            "intermediate saturates without VNNI, or fbgemm is not built in): use "
+            "backend='int_mm' or leave backend unset to pick the exact kernel"
+        )
 
 
 class Int8Linear(nn.Module):
@@ -85,6 +131,7 @@ class Int8Linear(nn.Module):
                 "Int8Linear needs a calibrated per-tensor input quantizer of <= 8 bits"
             )
         self.backend = backend or int8_backend()
+        _check_backend(self.backend)
         w = weight.detach().float().cpu()
         scale = weight_scale.detach().float().cpu()
         codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -99,7 +146,7 @@ class Int8Linear(nn.Module):
         b = None if bias is None else bias.detach().float().cpu()
         if self.backend == "fbgemm":
             self._packed = _prepack_fbgemm(codes, scale, b)
-        elif self.backend == "int_mm":
+        else:
             self.register_buffer("codes_t", codes.t().contiguous(), persistent=False)
             # x_q - zp = (x_q - 128) - (zp - 128): int8 input, zero point folded into a row term
             self.register_buffer(
@@ -107,8 +154,6 @@ class Int8Linear(nn.Module):
             )
             self.register_buffer("out_scale", scale * self.x_scale, persistent=False)
             self.register_buffer("bias", b, persistent=False)
-        else:
-            raise ValueError(f"unknown int8 backend {self.backend!r}: use 'fbgemm' or 'int_mm'")
 
     @property
     def weight(self) -> torch.Tensor:
@@ -246,6 +291,7 @@ def convert_to_int8(model: nn.Module, backend: str | None = None) -> nn.Module:
     per-channel activations) keep their fake-quant float computation.
     """
     backend = backend or int8_backend()
+    _check_backend(backend)
     model.eval()
     converted = 0
     for parent in list(model.modules()):
