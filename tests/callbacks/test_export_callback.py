@@ -59,7 +59,7 @@ def test_export_after_fit_loads_with_equal_logits(world, tmp_path) -> None:
     assert loaded.classnames == module.classnames
     assert torch.equal(loaded.prompt_ctx, module.prompt_learner.ctx.detach())
     _, info = read_container(path)
-    assert info["extra"]["method"] == "p4q" and info["adapter"]["target"].endswith("LowBitAdapter")
+    assert info["extra"]["method"] == "p4q" and info["adapter"]["kind"] == "low_bit_adapter"
     assert info["model"]["config"]["vision_cfg"]["width"] == 64
 
 

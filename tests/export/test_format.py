@@ -154,13 +154,3 @@ def test_text_features_need_matching_classnames(w8, tmp_path, tiny_name) -> None
             classnames=["a"],
             text_features=torch.zeros(3, 32),
         )
-
-
-def test_untrusted_adapter_target_is_refused(exported: Path) -> None:
-    tensors, info = read_container(exported)
-    info["adapter"] = {"target": "os:system", "init": {}}
-    write_container(
-        exported, tensors, {k: v for k, v in info.items() if k not in ("format", "format_version")}
-    )
-    with pytest.raises(LowBitFormatError, match="refusing"):
-        load_lowbit(exported)

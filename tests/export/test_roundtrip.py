@@ -82,7 +82,7 @@ def test_adapter_round_trip(student, images, tmp_path, tiny_name) -> None:
     )
     torch.nn.init.normal_(adapter.weight, std=0.1)
     adapter.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
-    cfg = {"target": "p4q_lightning.quant:QuantLinear", "init": {"dim": 32}}
+    cfg = {"kind": "single_linear", "init": {"dim": 32}}
 
     def factory(init):
         return QuantLinear(

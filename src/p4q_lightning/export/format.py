@@ -3,7 +3,13 @@
 safetensors' metadata is a ``str -> str`` dict, so everything that is not a tensor (model name,
 quant spec, class names, versions, which tensors hold integer codes) is one JSON string under
 ``"p4q"``. The checksum (sha256 over every tensor's name, dtype, shape and bytes, plus that
-JSON) makes a truncated or altered file fail loudly at load instead of predicting garbage.
+JSON) makes a truncated or damaged file fail loudly at load instead of predicting garbage.
+
+What the checksum does *not* do: authenticate. Anyone who edits a file can recompute it, so it
+protects against accidents (truncation, bit rot, a half-copied file), not against tampering.
+Safety against a crafted file comes from the loader instead: it never imports or calls anything
+the file names, and :mod:`p4q_lightning.export.schema` validates every field before use.
+Format 2 names the adapter by a registered kind; format 1 named it by import path.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from safetensors.torch import save as st_save
 log = logging.getLogger(__name__)
 
 FORMAT = "p4q-lowbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CHUNK = 16 << 20
 
 
@@ -151,7 +157,8 @@ def read_container(
             raise LowBitFormatError(
                 f"{path} failed its checksum (stored {expected[:19]}..., "
                 f"computed {actual[:19]}...): "
-                "the file was altered or damaged after export; re-export it"
+                "the file was damaged after export (the checksum detects accidents, it is not a "
+                "signature); re-export it"
             )
     info = json.loads(info_json)
     if int(info.get("format_version", 0)) > FORMAT_VERSION:

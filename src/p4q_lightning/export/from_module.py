@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -10,31 +9,17 @@ from typing import Any
 import open_clip
 import torch
 
+from p4q_lightning.export import adapters
 from p4q_lightning.export.format import ExportMismatchError
 from p4q_lightning.export.writer import ExportReport, export_lowbit
 
 log = logging.getLogger(__name__)
 
-ADAPTER_TARGET = "p4q_lightning.model.adapter:LowBitAdapter"
-
 
 def adapter_config(module: Any) -> dict[str, Any] | None:
-    """How :func:`load_lowbit` rebuilds the module's ``LowBitAdapter`` (JSON-able)."""
+    """How :func:`load_lowbit` rebuilds the module's adapter: its registered kind (JSON-able)."""
     adapter = getattr(module, "adapter", None)
-    if adapter is None:
-        return None
-    hp = module.hparams
-    spec = module.quant_spec["adapter"]
-    return {
-        "target": ADAPTER_TARGET,
-        "init": {
-            "dim": int(adapter.dim),
-            "reduction": int(hp.adapter_reduction),
-            "ratio": float(adapter.ratio),
-            "bias": bool(hp.adapter_bias),
-            "spec": {"__type__": "GroupSpec", **dataclasses.asdict(spec)},
-        },
-    }
+    return None if adapter is None else adapters.describe(adapter)
 
 
 def run_extra(module: Any, trainer: Any = None) -> dict[str, Any]:

@@ -8,7 +8,6 @@ swaps in real integer matrix multiplies for CPU inference.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -22,16 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p4q_lightning.export.format import ExportMismatchError, LowBitFormatError, read_container
+from p4q_lightning.export import adapters, schema
+from p4q_lightning.export.format import ExportMismatchError, read_container
 from p4q_lightning.export.packing import unpack_codes
 from p4q_lightning.export.writer import ADAPTER, HEAD, STUDENT, weight_key
 from p4q_lightning.model.clip import load_clip
-from p4q_lightning.quant import GroupSpec, QuantSpec, quant_modules, quantize
+from p4q_lightning.quant import QuantSpec, quant_modules, quantize
 
 log = logging.getLogger(__name__)
-
-#: Adapter classes are imported by name from the file: only from these packages.
-TRUSTED_ADAPTER_PACKAGES = ("p4q_lightning.",)
 
 
 class LowBitCLIP(nn.Module):
@@ -135,10 +132,17 @@ def _restore(
             t = codes.float() * scale.view((-1,) + (1,) * (codes.dim() - 1))
         state[key] = t
     for full, z in info.get("zeros", {}).items():
-        if full.startswith(prefix):
-            state[full[len(prefix) :]] = torch.full(
-                z["shape"], z.get("value", 0), dtype=getattr(torch, z["dtype"])
-            )
+        key = full[len(prefix) :]
+        if full.startswith(prefix) and key in expected:
+            if list(expected[key].shape) != list(z["shape"]):
+                raise ExportMismatchError(
+                    f"the export does not fit the {what}: constant buffer {key} has shape "
+                    f"{z['shape']} in the file but {list(expected[key].shape)} in the model; "
+                    "re-export it from the run"
+                )
+            state[key] = torch.full(z["shape"], z["value"], dtype=schema.ZERO_DTYPES[z["dtype"]])
+        elif full.startswith(prefix):
+            state[key] = torch.empty(0)  # reported as unexpected below
     _check_bits(target, info, prefix, what)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -187,27 +191,22 @@ def _check_bits(target: nn.Module, info: dict[str, Any], prefix: str, what: str)
         )
 
 
-def _build_adapter(
-    cfg: dict[str, Any], factory: Callable[[dict[str, Any]], nn.Module] | None
-) -> nn.Module:
-    if factory is not None:
-        return factory(cfg.get("init", {}))
-    target = cfg["target"]
-    module_name, _, attr = target.partition(":")
-    if not attr or not (module_name + ".").startswith(TRUSTED_ADAPTER_PACKAGES):
-        raise LowBitFormatError(
-            f"adapter target {target!r} is not a 'module:Class' inside {TRUSTED_ADAPTER_PACKAGES}; "
-            "refusing to import it (pass adapter_factory= to load_lowbit to build it yourself)"
+def _check_head_fits(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Text features and prompt context must have the rebuilt towers' widths."""
+    text, ctx = tensors.get(HEAD + "text_features"), tensors.get(HEAD + "prompt_ctx")
+    projection = getattr(model, "text_projection", None)
+    embed = projection.shape[-1] if projection is not None else None
+    if text is not None and embed is not None and text.shape[1] != embed:
+        raise ExportMismatchError(
+            f"the export's text features are {text.shape[1]} wide but the model's embedding is "
+            f"{embed}; re-export it from the run"
         )
-    cls = getattr(importlib.import_module(module_name), attr)
-    return cls(**{k: _decode(v) for k, v in cfg.get("init", {}).items()})
-
-
-def _decode(value: Any) -> Any:
-    """JSON init arguments back to objects (``{"__type__": "GroupSpec", ...}``)."""
-    if isinstance(value, dict) and value.get("__type__") == "GroupSpec":
-        return GroupSpec(**{k: v for k, v in value.items() if k != "__type__"})
-    return value
+    width = model.token_embedding.weight.shape[1]
+    if ctx is not None and (ctx.dim() not in (2, 3) or ctx.shape[-1] != width):
+        raise ExportMismatchError(
+            f"the export's prompt context has shape {list(ctx.shape)} but the text tower is "
+            f"{width} wide; re-export it from the run"
+        )
 
 
 def _ensure_registered(model_info: dict[str, Any]) -> None:
@@ -230,23 +229,27 @@ def load_lowbit(
 
     Verifies the checksum, rebuilds the quantized architecture named in the metadata and fills
     it with the stored integers and float parts. ``int8=True`` converts it for CPU integer
-    inference (:meth:`LowBitCLIP.to_int8`). The adapter is rebuilt from the ``target`` class in
-    the metadata (only inside ``p4q_lightning``), or by ``adapter_factory(init_kwargs)``.
-    Raises :class:`LowBitFormatError` for damaged
+    inference (:meth:`LowBitCLIP.to_int8`). Nothing in the file chooses code: the adapter is a
+    registered kind (:data:`~p4q_lightning.export.adapters.ADAPTER_KINDS`) built from validated
+    arguments, or ``adapter_factory(init_kwargs)`` builds it. Every field is validated
+    (:mod:`~p4q_lightning.export.schema`) because the checksum detects damage, not tampering.
+    Raises :class:`LowBitFormatError` for damaged or invalid
     files and :class:`ExportMismatchError` when the weights do not fit the named architecture.
     """
     tensors, info = read_container(path)
+    spec = schema.validate(path, tensors, info)
     model_info = info["model"]
     _ensure_registered(model_info)
     clip, preprocess, tokenizer = load_clip(model_info["name"], None)
-    student = quantize(clip, QuantSpec.from_dict(info["spec"]))
+    student = quantize(clip, spec)
     del clip
+    _check_head_fits(student, tensors)
     student.load_state_dict(
         _restore(student, tensors, info, STUDENT, f"{model_info['name']} student")
     )
     adapter = None
     if info.get("adapter"):
-        adapter = _build_adapter(info["adapter"], adapter_factory)
+        adapter = adapters.build(info["adapter"], adapter_factory)
         adapter.load_state_dict(_restore(adapter, tensors, info, ADAPTER, "adapter"))
         adapter.requires_grad_(False)
     model = LowBitCLIP(

@@ -165,6 +165,24 @@ def _model_config(name: str, given: Mapping[str, Any] | None) -> dict[str, Any] 
     return dict(config) if config is not None else None
 
 
+def _adapter_info(adapter: nn.Module, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The adapter's stored description: a registered kind and JSON constructor arguments."""
+    from p4q_lightning.export import adapters
+
+    if config is None:
+        return adapters.describe(adapter)
+    if "target" in config:
+        raise ExportMismatchError(
+            "adapter_config names an import 'target'; low-bit files name a registered adapter "
+            "kind instead: adapter_config={'kind': 'my_kind', 'init': {...}} (or omit it for "
+            "a LowBitAdapter)"
+        )
+    try:
+        return adapters.check_config(config)
+    except ValueError as e:
+        raise ExportMismatchError(str(e)) from e
+
+
 def export_lowbit(
     path: str | os.PathLike[str],
     student: nn.Module,
@@ -186,9 +204,10 @@ def export_lowbit(
     weights come from the file); ``model_config`` (the open_clip config dict, default: looked
     up by name) is stored too, so models registered from a JSON file load anywhere.
     ``text_features`` ([classes, dim], normalized) with
-    ``classnames`` and ``logit_scale`` make the file a classifier; ``adapter`` (a module from
-    ``p4q_lightning``) with ``adapter_config = {"target": "module:Class", "init": {...}}`` is
-    rebuilt at load. ``extra`` is free-form JSON (method, shots, dataset...).
+    ``classnames`` and ``logit_scale`` make the file a classifier; ``adapter`` is stored with
+    its registered kind (a :class:`~p4q_lightning.model.adapter.LowBitAdapter` describes itself;
+    any other module needs ``adapter_config = {"kind": "name", "init": {...}}`` and an
+    ``adapter_factory`` at load). ``extra`` is free-form JSON (method, shots, dataset...).
     """
     spec = quant_spec_of(student)
     tensors, info = lowbit_state(student, STUDENT)
@@ -206,19 +225,11 @@ def export_lowbit(
         tensors[HEAD + "prompt_ctx"] = prompt_ctx.detach().float().cpu()
     adapter_info = None
     if adapter is not None:
-        if adapter_config is None or "target" not in adapter_config:
-            raise ExportMismatchError(
-                "an adapter needs adapter_config={'target': 'module:Class', 'init': {...}} "
-                "so that load_lowbit can rebuild it"
-            )
+        adapter_info = _adapter_info(adapter, adapter_config)
         a_tensors, a_info = lowbit_state(adapter, ADAPTER)
         tensors.update(a_tensors)
         info["quantized"].update(a_info["quantized"])
         info["zeros"].update(a_info["zeros"])
-        adapter_info = {
-            "target": adapter_config["target"],
-            "init": dict(adapter_config.get("init", {})),
-        }
     info.update(
         model={
             "name": model_name,
@@ -231,6 +242,13 @@ def export_lowbit(
         versions=versions(),
         extra=dict(extra or {}),
     )
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ExportMismatchError(
+            f"{bad[0]} holds NaN or infinite values ({len(bad)} such tensors); the run diverged, "
+            "so there is nothing sound to export: lower the learning rate or use an earlier "
+            "checkpoint"
+        )
     nbytes = write_container(path, tensors, info)
     report = ExportReport(Path(path), nbytes, float32_nbytes(student))
     log.info("exported %s: %.2f MB, %.2fx smaller than float32", path, nbytes / 1e6, report.ratio)

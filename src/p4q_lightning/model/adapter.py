@@ -45,7 +45,7 @@ class LowBitAdapter(nn.Module):
             raise ValueError(f"adapter ratio={ratio} must lie in [0, 1]")
         spec = spec or GroupSpec()
         hidden = dim // reduction
-        self.dim, self.ratio = dim, ratio
+        self.dim, self.ratio, self.spec = dim, ratio, spec
         self.fc1 = QuantLinear(dim, hidden, spec, GROUP, bias=bias, dynamic_weights=True)
         self.act = act_layer()
         self.fc2 = QuantLinear(hidden, dim, spec, GROUP, bias=bias, dynamic_weights=True)
