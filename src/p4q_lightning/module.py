@@ -24,7 +24,7 @@ from p4q_lightning.model.classifier import P4QClassifierMixin
 from p4q_lightning.model.prompt_learner import PromptLearner
 from p4q_lightning.model.text_encoder import TextTower
 from p4q_lightning.quant import get_spec, is_calibrated, quantize
-from p4q_lightning.training import checkpointing, optim
+from p4q_lightning.training import checkpointing, optim, seeding
 from p4q_lightning.training.feature_source import TrainFeatureSource
 
 log = logging.getLogger(__name__)
@@ -131,17 +131,18 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         self.student = (
             quantize(self.teacher, self.quant_spec) if method in QUANTIZED else self.teacher
         )
-        self.adapter = (
-            LowBitAdapter(
-                image_feature_dim(self.teacher),
-                adapter_reduction,
-                adapter_ratio,
-                adapter_bias,
-                self.quant_spec["adapter"],
-            )
-            if method == "p4q" and adapter
-            else None
-        )
+        self.adapter: LowBitAdapter | None = None
+        if method == "p4q" and adapter:
+            # drawn from the run seed, not from wherever the global generator happens to be
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seeding.derived_seed("adapter", init_seed))
+                self.adapter = LowBitAdapter(
+                    image_feature_dim(self.teacher),
+                    adapter_reduction,
+                    adapter_ratio,
+                    adapter_bias,
+                    self.quant_spec["adapter"],
+                )
         self.prompt_learner: PromptLearner | None = None
         self.classnames: list[str] = []
         self.templates: list[str] = list(templates or DEFAULT_TEMPLATES)
@@ -175,6 +176,8 @@ class P4QModule(P4QClassifierMixin, LightningModule):
                     hp.class_specific,
                     hp.class_token_position,
                     hp.ctx_init_std,
+                    # the same on every rank and whenever setup() runs (DDP re-seeds per rank)
+                    generator=seeding.generator("prompt", hp.init_seed),
                 ).to(self.teacher.logit_scale.device)
             elif changed:
                 self.prompt_learner.set_classnames(classnames)

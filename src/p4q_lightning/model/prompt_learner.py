@@ -44,6 +44,8 @@ class PromptLearner(nn.Module):
         class_specific: one context per class (CoOp's CSC) instead of one shared context.
         class_token_position: where the class name sits relative to the context.
         init_std: standard deviation of the random initialisation.
+        generator: draws the random initialisation (default: the global generator); pass a
+            seeded one to make it independent of the process's other random draws.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class PromptLearner(nn.Module):
         class_specific: bool = False,
         class_token_position: ClassTokenPosition = "end",
         init_std: float = 0.02,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if class_token_position not in ("end", "middle", "front"):
@@ -95,7 +98,7 @@ class PromptLearner(nn.Module):
                 vectors = init_embedding(ids).detach().float().cpu()
             ctx = vectors.unsqueeze(0).repeat(n_rows, 1, 1)
         else:
-            ctx = torch.empty(n_rows, n_ctx, embed_dim).normal_(0.0, init_std)
+            ctx = torch.empty(n_rows, n_ctx, embed_dim).normal_(0.0, init_std, generator=generator)
         # Registered as a module parameter (the official code's `.to('cuda')` made it a
         # non-leaf tensor that never trained).
         self.ctx = nn.Parameter(ctx if class_specific else ctx[0])

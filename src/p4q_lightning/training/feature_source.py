@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from p4q_lightning.training import seeding
 from p4q_lightning.training.feature_cache import (
     CachedFeatureDataset,
     FeatureCache,
@@ -82,10 +82,23 @@ class TrainFeatureSource:
             self.cache = self._build(reference)
         self.dataset = CachedFeatureDataset(self.cache)
         self.dataset.epoch = self.module.current_epoch
+        trainer = self.module.trainer
+        # The order is a function of (seed, epoch, rank) alone: Lightning calls set_epoch before
+        # every epoch, so a resumed run shuffles exactly as the uninterrupted one, and the
+        # global batch of N ranks x B is the same set of samples as one process with N x B.
+        sampler = DistributedSampler(
+            self.dataset,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=True,
+            seed=seeding.derived_seed("shuffle", int(self.module.hparams.init_seed)),
+            drop_last=reference.drop_last,
+        )
+        sampler.set_epoch(self.module.current_epoch)
         return DataLoader(
             self.dataset,
             batch_size=reference.batch_size or 32,
-            shuffle=True,
+            sampler=sampler,
             drop_last=reference.drop_last,
             num_workers=0,  # in-memory tensors; the per-epoch view choice lives in this process
         )
@@ -101,7 +114,7 @@ class TrainFeatureSource:
         if module.distills:
             encoders["teacher"] = module._teacher_features
         hp = module.hparams
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's; the same on every rank
+        seed = seeding.run_seed(0)  # seed_everything's; the same on every rank
         views = int(hp.feature_views)
         max_epochs = module.trainer.max_epochs
         if max_epochs is not None and 0 < max_epochs < views:
