@@ -34,3 +34,16 @@ def trained_state(module: LightningModule) -> dict[str, torch.Tensor]:
         for k, v in module.state_dict().items()
         if k.startswith(("prompt_learner.", "adapter."))
     }
+
+
+class SaveTrainedState(Callback):
+    """Writes :func:`trained_state` (rank zero) at the end of the fit, for another process."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save(
+                {"state": trained_state(pl_module), "global_step": trainer.global_step}, self.out
+            )

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from resume_helpers import Interrupted, StopAtStep, trained_state
 
 import tiny_world
 from p4q_lightning import cli
+from resume_helpers import Interrupted, trained_state
 
 TESTS = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 32 training images, batch 8

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from p4q_lightning.quant.observers import ActivationObserver, observed_range, weight_max_abs
@@ -281,6 +282,7 @@ class ActivationQuantizer(CachedBufferState):
         lo, hi = observed_range(
             x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)
         )
+        lo, hi = _global_range(lo, hi)
         if self.buffer_flag("calibrated"):
             m = self.ema_momentum
             lo = (1 - m) * self.range_min + m * lo
@@ -289,6 +291,17 @@ class ActivationQuantizer(CachedBufferState):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, observer={self.observer_name}, per_channel={self.per_channel}"
+
+
+def _global_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range over every rank's batch under DDP (one all-reduce), so that N ranks with B
+    samples each update the EMA exactly as one process with N x B samples does."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return lo, hi
+    both = torch.cat([-lo.reshape(-1), hi.reshape(-1)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    n = lo.numel()
+    return -both[:n].reshape(lo.shape), both[n:].reshape(hi.shape)
 
 
 class Log2Quantizer(nn.Module):
