@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,7 +66,37 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # 
 
 
 def main(argv: Sequence[str] | None = None) -> int | None:
-    """Entry point; ``argv`` defaults to ``sys.argv[1:]``."""
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``.
+
+    A failure is one line on stderr and exit status 1; ``P4Q_DEBUG=1`` shows the traceback.
+    """
+    try:
+        return _main(argv)
+    except Exception as err:  # KeyboardInterrupt and SystemExit pass through
+        if debug_requested():
+            raise
+        sys.stderr.write(f"error: {one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n")
+        return 1
+
+
+DEBUG_ENV = "P4Q_DEBUG"
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(err: BaseException) -> str:
+    """The innermost message of an error chain, on one line (jsonargparse wraps the cause)."""
+    while err.__cause__ is not None and not str(err).strip():
+        err = err.__cause__
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (KeyError, AttributeError, TypeError, IndexError)):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
+def _main(argv: Sequence[str] | None) -> int | None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in SUBCOMMANDS:
         return _dispatch(args[0], args[1:])

@@ -150,6 +150,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         self.register_buffer("_student_template_text", None, persistent=False)
         self._eval_text: torch.Tensor | None = None
         self._train_source: TrainFeatureSource | None = None
+        self._trained = False  # set by a fit or a loaded checkpoint / state dict
         if classnames:
             self.set_classes(classnames, templates)
 
@@ -312,12 +313,42 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         return optim.configure(self)
 
     def on_train_start(self) -> None:
+        self._trained = True
         optim.finalize_schedules(self)
 
     # ------------------------------------------------------------------ evaluation
     def _start_eval(self) -> None:
         with torch.no_grad():
             self._eval_text = self.student_text_features().detach()
+
+    def on_validation_start(self) -> None:
+        self._check_evaluation("val")
+
+    def on_test_start(self) -> None:
+        self._check_evaluation("test")
+
+    def _check_evaluation(self, stage: str) -> None:
+        """Refuse an evaluation over nothing; warn loudly about one of an untrained prompt."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return
+        batches = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        if sum(int(b) for b in batches) == 0:
+            raise ValueError(
+                f"the {stage} split has 0 items, so there is nothing to evaluate: check the "
+                "dataset's evaluation split (with few-shot splits and no test split, the shots "
+                "may use up every training image; lower data.shots or use a dataset with a "
+                "test split)"
+            )
+        if self.method in TRAINED and not self._trained and trainer.state.fn != "fit":
+            message = (
+                f"evaluating method={self.method!r} with an UNTRAINED prompt"
+                f"{' and adapter' if self.adapter is not None else ''}: no checkpoint was "
+                "loaded and no fit ran in this process, so these numbers are not P4Q/CoOp "
+                "results. Pass --ckpt_path (e.g. the run's checkpoints/last.ckpt) or run fit first"
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            log.warning(message)
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
@@ -379,6 +410,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._trained = True
         return checkpointing.load_state_dict(
             self, state_dict, strict, assign, super().load_state_dict
         )

@@ -14,6 +14,31 @@ def default_output(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + "-lowbit.safetensors")
 
 
+def check_checkpoint(path: Path) -> None:
+    """Refuse, in one line, a file that is not a Lightning checkpoint of a P4QModule."""
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, KeyError, EOFError, ValueError) as err:
+        reason = (
+            "not a torch checkpoint file"
+            if isinstance(err, KeyError)
+            else " ".join(str(err).split())[:160] or type(err).__name__
+        )
+        raise ValueError(
+            f"{path} is not a readable Lightning checkpoint ({reason}); pass the .ckpt file a "
+            "fit wrote, e.g. runs/.../checkpoints/last.ckpt"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(
+            f"{path} is a torch file but not a Lightning checkpoint of a P4QModule (no "
+            "state_dict/hyper_parameters); pass the .ckpt file a fit wrote"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="p4q export",
@@ -31,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"checkpoint {args.checkpoint} does not exist")
 
     from p4q_lightning.export import load_lowbit
+    from p4q_lightning.export.format import check_writable
     from p4q_lightning.export.from_module import export_module
     from p4q_lightning.module import P4QModule
 
+    out = (args.out or default_output(args.checkpoint)).expanduser()
+    check_writable(out)  # before the minutes a large model takes to rebuild
+    check_checkpoint(args.checkpoint)
     module = P4QModule.load_from_checkpoint(str(args.checkpoint), map_location="cpu")
     module.eval()
-    out = args.out or default_output(args.checkpoint)
     report = export_module(module, out)
     sys.stdout.write(
         f"wrote {report.path} ({report.file_bytes / 1e6:.2f} MB; float32 state dict "

@@ -153,12 +153,27 @@ class FewShotDataModule(L.LightningDataModule):
         if not os.path.exists(path):
             # A hub id is "name" or "owner/name"; anything else that is missing is a bad path.
             d = self.dataset
-            if d.startswith((".", "/", "~")) or d.count("/") > 1 or "\\" in d:
+            owner = d.split("/", 1)[0] if d.count("/") == 1 else ""
+            if (
+                d.startswith((".", "/", "~"))
+                or d.count("/") > 1
+                or "\\" in d
+                or (owner and os.path.isdir(owner))  # data/missing: a folder under ./data
+            ):
                 raise FileNotFoundError(
-                    f"dataset path {d!r} does not exist; pass an existing image folder, a saved "
-                    "dataset, a hub id such as uoft-cs/cifar10, or 'synthetic'"
+                    f"dataset folder {os.path.abspath(path)} does not exist; pass an existing "
+                    "image folder, a saved dataset, a hub id such as uoft-cs/cifar10, or "
+                    "'synthetic'"
                 )
-            return self._hub_source()
+            try:
+                return self._hub_source()
+            except RuntimeError as err:
+                if not owner:
+                    raise
+                raise FileNotFoundError(
+                    f"dataset {d!r} is neither a local folder ({os.path.abspath(path)} does not "
+                    f"exist) nor a loadable hub dataset ({err})"
+                ) from err
         return FolderSource(path)
 
     def _hub_source(self) -> HubSource:
@@ -234,6 +249,12 @@ class FewShotDataModule(L.LightningDataModule):
             self.val_dataset = self._few_shot_dataset(self.split["val_from"], self.split["val"], ev)
         if stage in (None, "test", "predict") and self.test_dataset is None:
             split, indices = self._test_items()
+            if not indices:
+                raise ValueError(
+                    f"{source.name} has no test split and the few-shot split (shots={hp.shots} "
+                    "per class, plus validation) uses up every training image, so the test set "
+                    "would have 0 images; lower data.shots or use a dataset with a test split"
+                )
             self.test_dataset = SourceDataset(
                 source, split, indices, ev, skip_corrupt=hp.skip_corrupt
             )

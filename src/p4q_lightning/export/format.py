@@ -68,7 +68,8 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
         f.write(view[start : start + _CHUNK])
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
+    """Fail early (before slow work) when ``path`` cannot be written as an export file."""
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def write_container(
     the complete new one, never a partial one; on any failure the temporary file is removed.
     """
     path = Path(path).expanduser()
-    _check_writable(path)
+    check_writable(path)
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **info}
     info_json = json.dumps(info, sort_keys=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
