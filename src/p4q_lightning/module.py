@@ -271,7 +271,9 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         teacher = self._teacher_features(images) if self.distills else None
         return self._student_features(images), teacher, labels
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if _is_empty(batch):
+            return None  # every image of the batch was skipped as corrupt: skip the step
         student_feats, teacher_feats, labels = self._batch_features(batch)
         hp = self.hparams
         logits = cosine_logits(
@@ -369,6 +371,8 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         self._eval_text = None
 
     def _eval_step(self, batch: Any, stage: str) -> None:
+        if _is_empty(batch):
+            return
         images, labels = batch[0], batch[1]
         with torch.no_grad():
             logits = self.student_logits(images)
@@ -420,3 +424,9 @@ class P4QModule(P4QClassifierMixin, LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpointing.load_metadata(self, checkpoint)
+
+
+def _is_empty(batch: Any) -> bool:
+    """A batch whose every image was skipped as corrupt (``collate_skip_none``)."""
+    labels = batch["label"] if isinstance(batch, dict) else batch[1]
+    return labels.shape[0] == 0

@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from p4q_lightning.quant import group_statistics
 
 log = logging.getLogger(__name__)
+
+
+class NonEmptyBatches:
+    """Re-iterable view of a loader without its empty batches (every image of a batch skipped
+    as corrupt with ``skip_corrupt``); refuses a loader that has no image at all."""
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        seen = False
+        for batch in self.loader:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(images, torch.Tensor) and images.shape[0] == 0:
+                continue
+            seen = True
+            yield batch
+        if not seen:
+            raise ValueError(
+                "no calibration image could be read: every image of the calibration split was "
+                "skipped as unreadable (skip_corrupt); repair or remove the corrupt files "
+                "(the datamodule's `skipped` lists them) or point data at another dataset"
+            )
 
 
 class CalibrationCallback(Callback):
@@ -69,7 +94,7 @@ class CalibrationCallback(Callback):
                 "calibration_dataloader() (e.g. FewShotDataModule), or call "
                 "module.calibrate(images, texts) yourself before running the trainer"
             )
-        return make()
+        return NonEmptyBatches(make())
 
     def _log(self, trainer: Trainer) -> None:
         metrics = {"calibration/seconds": float(self.seconds or 0.0)}

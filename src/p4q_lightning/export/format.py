@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from p4q_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +104,16 @@ def write_container(
     metadata = {"format": FORMAT, "p4q": info_json, "checksum": checksum(tensors, info_json)}
     data = st_save(tensors, metadata=metadata)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    except OSError as e:
-        raise ExportWriteError(
-            f"cannot write in {path.parent}: {e.strerror or e}; choose a writable path"
-        ) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             _write_all(f, data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, ExportWriteError):
-            raise ExportWriteError(f"writing {path} failed: {e}; nothing was written") from e
-        raise
+    except OSError as e:
+        if isinstance(e, ExportWriteError):
+            raise
+        raise ExportWriteError(
+            f"writing {path} failed: {e.strerror or e}; nothing was written, choose a writable path"
+        ) from e
     log.info("wrote %s (%.2f MB, %d tensors)", path, len(data) / 1e6, len(tensors))
     return len(data)
 

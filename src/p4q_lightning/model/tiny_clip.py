@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -38,6 +39,7 @@ from p4q_lightning.data.cache import cache_dir as resolve_cache_dir
 from p4q_lightning.data.synthetic.captions import CaptionConfig, CaptionWriter
 from p4q_lightning.data.synthetic.task import TEMPLATES, ClassSet, generate_split, stream_generator
 from p4q_lightning.data.synthetic.world import Scenes, WorldConfig, render, sample_scenes
+from p4q_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,6 @@ def ensure_teacher_checkpoint(
     held-out zero-shot accuracy sits beside it. Concurrent callers (DDP ranks) wait on a file
     lock instead of training twice.
     """
-    from filelock import FileLock
     from safetensors.torch import save_file
 
     config = config or PretrainConfig()
@@ -116,7 +117,7 @@ def ensure_teacher_checkpoint(
     path = root / f"{stem}.safetensors"
     if path.is_file():
         return path
-    with FileLock(str(root / f"{stem}.lock")):
+    with _announced_lock(str(root / f"{stem}.lock"), world_seed):
         if path.is_file():  # another process finished while we waited
             return path
         log.info(
@@ -127,7 +128,8 @@ def ensure_teacher_checkpoint(
             path,
         )
         start = time.perf_counter()
-        model = pretrain_tiny_clip(world_seed, config)
+        progress = root / f"{stem}.progress.pt"
+        model = pretrain_tiny_clip(world_seed, config, progress_path=progress)
         seconds = time.perf_counter() - start
         report = {
             "world_seed": world_seed,
@@ -143,12 +145,36 @@ def ensure_teacher_checkpoint(
             100 * report["zero_shot_top1"],
             report["num_classes"],
         )
-        tmp = path.with_suffix(".tmp")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in report.items()})
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        with atomic_write(path) as tmp:
+            save_file(state, str(tmp), metadata={k: str(v) for k, v in report.items()})
+        with atomic_write(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+        progress.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def _announced_lock(lock_path: str, world_seed: int) -> Iterator[None]:
+    """Hold the teacher's file lock; say so (once) when another process holds it first."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning(
+            "waiting for another process to finish pretraining the %s teacher for world seed %d "
+            "(lock %s; a few minutes on CPU)",
+            MODEL_NAME,
+            world_seed,
+            lock_path,
+        )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -203,12 +229,57 @@ def _lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _save_progress(
+    path: Path, step: int, model: torch.nn.Module, opt: list, gen: torch.Generator, writer: Any
+) -> None:
+    """Everything the next step depends on, so an interrupted pretraining resumes exactly."""
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizers": [o.state_dict() for o in opt],
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "writer_rng": writer.rng.getstate(),
+    }
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_progress(
+    path: Path, model: torch.nn.Module, opt: list, gen: torch.Generator, writer: Any
+) -> int:
+    """Restore :func:`_save_progress`'s state; return the number of steps already done."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        for o, o_state in zip(opt, state["optimizers"], strict=True):
+            o.load_state_dict(o_state)
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        writer.rng.setstate(_as_tuple(state["writer_rng"]))
+    except Exception as err:  # a damaged progress file costs a restart, not the run
+        log.warning("ignoring unreadable pretraining progress %s (%s); starting over", path, err)
+        return 0
+    log.info("resuming p4q-tiny pretraining from step %d (%s)", state["step"], path)
+    return int(state["step"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def pretrain_tiny_clip(
     world_seed: int,
     config: PretrainConfig | None = None,
     callback: Callable[[int, torch.nn.Module], None] | None = None,
+    progress_path: str | os.PathLike[str] | None = None,
+    save_every: int | None = None,
 ) -> torch.nn.Module:
-    """Contrastively pretrain a fresh ``p4q-tiny`` on generated pairs; deterministic per seed."""
+    """Contrastively pretrain a fresh ``p4q-tiny`` on generated pairs; deterministic per seed.
+
+    With ``progress_path`` the state is saved every ``save_every`` steps (default: a tenth of
+    the run) and a later call resumes from it, ending with exactly the uninterrupted weights.
+    """
     cfg = config or PretrainConfig()
     name = register_tiny_clip()
     with _torch_threads(cfg.threads):
@@ -223,7 +294,11 @@ def pretrain_tiny_clip(
         writer = CaptionWriter(cfg.world, cfg.captions, seed=world_seed)
         targets = torch.arange(cfg.batch_size)
         every = max(1, cfg.steps // 10)
-        for step in range(cfg.steps):
+        save_every = save_every or every
+        first = 0
+        if progress_path is not None and Path(progress_path).is_file():
+            first = _load_progress(Path(progress_path), model, opt, gen, writer)
+        for step in range(first, cfg.steps):
             scenes = sample_grouped_scenes(cfg.batch_size, cfg.world, gen, cfg.group_size)
             images = normalize_images(render(scenes, cfg.world, gen))
             frozen = step < cfg.warmup_text_frozen_steps
@@ -245,6 +320,8 @@ def pretrain_tiny_clip(
                 log.info(
                     "p4q-tiny pretraining step %d/%d loss %.3f", step + 1, cfg.steps, loss.item()
                 )
+            if progress_path is not None and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+                _save_progress(Path(progress_path), step + 1, model, opt, gen, writer)
             if callback is not None:
                 callback(step + 1, model)
     model.token_embedding.sparse = False

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from p4q_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def build_feature_cache(
                 leave=False,
             ):
                 images, y = batch[0], batch[1]
+                if images.shape[0] == 0:  # every image of the batch skipped as corrupt
+                    continue
                 images = images.to(device, non_blocking=True)
                 for name, encode in encoders.items():
                     outs[name].append(encode(images).float().cpu())
@@ -151,13 +154,7 @@ def load_or_build(
             log.warning("ignoring unreadable feature cache %s (%s); rebuilding", path, err)
     cache = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".features-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(cache.to_dict(), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("wrote image features to %s", path)
     return cache
