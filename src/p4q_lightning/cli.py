@@ -21,11 +21,23 @@ log = logging.getLogger(__name__)
 SUBCOMMANDS = ("export", "compare", "demo")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (redirected, captured), not the one at setup."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def _log_to_console() -> None:
     """Show this package's INFO messages (calibration, caching) next to Lightning's own."""
     pkg = logging.getLogger("p4q_lightning")
     if not pkg.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)

@@ -219,6 +219,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
                 "(e.g. FewShotDataModule) or pass model.classnames"
             )
         self.set_classes(chosen, self.hparams.templates or templates)
+        self._check_image_size()
         if stage == "fit":
             if self.method not in TRAINED:
                 raise ValueError(
@@ -232,6 +233,19 @@ class P4QModule(P4QClassifierMixin, LightningModule):
             )
             if self.hparams.feature_views > 0:
                 self._train_source = TrainFeatureSource.install(self)
+
+    def _check_image_size(self) -> None:
+        """A datamodule resizing to another side than the model's fails here, in one line."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(dm, "image_size", None)
+        model_size = getattr(getattr(self.teacher, "visual", None), "image_size", None)
+        if isinstance(model_size, (tuple, list)):
+            model_size = model_size[0] if len(set(model_size)) == 1 else None
+        if isinstance(size, int) and isinstance(model_size, int) and size != model_size:
+            raise ValueError(
+                f"the data is resized to {size} pixels but {self.hparams.model_name} takes "
+                f"{model_size}x{model_size} images; set data.init_args.image_size: {model_size}"
+            )
 
     def _check_trainable(self) -> None:
         allowed = ("prompt_learner.", "adapter.")
