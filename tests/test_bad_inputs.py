@@ -188,3 +188,19 @@ def test_image_size_that_does_not_fit_the_model(world, tmp_path, capsys):
     assert cli.main(["validate", "--config", str(cfg)]) == 1
     line = one_line_error(capsys)
     assert "resized to 64 pixels" in line and "image_size: 32" in line
+
+
+class EmptyTestSet(tiny_world.TinyDataModule):
+    """A datamodule whose test loader yields nothing (e.g. a filter removed every item)."""
+
+    def test_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader([], batch_size=8)
+
+
+def test_an_empty_evaluation_loader_is_an_error(world, tmp_path, capsys):
+    data = {"class_path": "test_bad_inputs.EmptyTestSet", "init_args": {"root": str(world["data"])}}
+    cfg = config(world, tmp_path, model={"method": "ptq"}, data=data)
+    assert cli.main(["test", "--config", str(cfg)]) == 1
+    assert "the test split has 0 items" in one_line_error(capsys)

@@ -220,6 +220,8 @@ class P4QModule(P4QClassifierMixin, LightningModule):
             )
         self.set_classes(chosen, self.hparams.templates or templates)
         self._check_image_size()
+        if stage in ("validate", "test"):
+            self._check_not_empty(stage)
         if stage == "fit":
             if self.method not in TRAINED:
                 raise ValueError(
@@ -233,6 +235,25 @@ class P4QModule(P4QClassifierMixin, LightningModule):
             )
             if self.hparams.feature_views > 0:
                 self._train_source = TrainFeatureSource.install(self)
+
+    def _check_not_empty(self, stage: str) -> None:
+        """Lightning skips an evaluation over 0 batches and reports success: refuse it."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        make = getattr(dm, "test_dataloader" if stage == "test" else "val_dataloader", None)
+        if make is None:
+            return
+        try:
+            loader = make()
+            empty = len(loader) == 0
+        except (TypeError, NotImplementedError):  # no loader or no length: nothing to check
+            return
+        if empty:
+            split = "test" if stage == "test" else "validation"
+            raise ValueError(
+                f"the {split} split has 0 items, so `{stage}` would evaluate nothing and report "
+                "success; check the dataset's evaluation split (with few-shot splits and no test "
+                "split, the shots may use up every training image: lower data.shots)"
+            )
 
     def _check_image_size(self) -> None:
         """A datamodule resizing to another side than the model's fails here, in one line."""
@@ -344,18 +365,10 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         self._check_evaluation("test")
 
     def _check_evaluation(self, stage: str) -> None:
-        """Refuse an evaluation over nothing; warn loudly about one of an untrained prompt."""
+        """Warn loudly about evaluating an untrained prompt."""
         trainer = self.trainer
         if trainer.sanity_checking:
             return
-        batches = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
-        if sum(int(b) for b in batches) == 0:
-            raise ValueError(
-                f"the {stage} split has 0 items, so there is nothing to evaluate: check the "
-                "dataset's evaluation split (with few-shot splits and no test split, the shots "
-                "may use up every training image; lower data.shots or use a dataset with a "
-                "test split)"
-            )
         if self.method in TRAINED and not self._trained and trainer.state.fn != "fit":
             message = (
                 f"evaluating method={self.method!r} with an UNTRAINED prompt"
