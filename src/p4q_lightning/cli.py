@@ -61,15 +61,16 @@ def _dispatch(name: str, argv: list[str]) -> int | None:
 def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # type: ignore[no-untyped-def]
     """Build the LightningCLI (``run=False`` parses and instantiates without running)."""
     from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
 
     from p4q_lightning.module import P4QModule
+    from p4q_lightning.run_cli import P4QCLI, RunConfigCallback
 
-    return LightningCLI(
+    return P4QCLI(
         P4QModule,
         LightningDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=list(args) if args is not None else None,
         run=run,

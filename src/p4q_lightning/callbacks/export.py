@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ class LowBitExportCallback(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+            if type(logger).__name__ == "WandbLogger":
+                log_artifact(logger.experiment, self.report.path)
         log.info(
             "low-bit model written to %s (%.2f MB, %.2fx smaller than float32)",
             self.report.path,
@@ -82,3 +85,14 @@ class LowBitExportCallback(Callback):
             self.report.ratio,
         )
         return self.report
+
+
+def log_artifact(run: Any, path: Path) -> None:
+    """The low-bit file as a W&B ``model`` artifact of ``run`` (uploaded by `wandb sync` when
+    offline), named after the run so every run's export stays its own artifact."""
+    import wandb
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"lowbit-{run.name or run.id}")
+    artifact = wandb.Artifact(name, type="model", metadata={"file": Path(path).name})
+    artifact.add_file(str(path))
+    run.log_artifact(artifact)

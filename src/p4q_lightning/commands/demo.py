@@ -67,12 +67,12 @@ def run_args(
         f"synthetic:{seed}",
         "--data.init_args.seed",
         str(seed),
-        "--trainer.default_root_dir",
+        "--run_dir",
         str(out / name),
+        "--overwrite",
+        "true",  # the demo of one seed always rewrites its own runs
         "--trainer.logger.init_args.name",
         f"demo-seed{seed}-{name}",
-        "--trainer.logger.init_args.save_dir",
-        str(out / name),
         *overrides,
     ]
 
