@@ -111,9 +111,9 @@ def one_line(err: BaseException) -> str:
 
 def _main(argv: Sequence[str] | None) -> int | None:
     args = list(sys.argv[1:] if argv is None else argv)
+    _log_to_console()
     if args and args[0] in SUBCOMMANDS:
         return _dispatch(args[0], args[1:])
-    _log_to_console()
     resolve_wandb_mode()  # before LightningCLI builds a WandbLogger
     cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     return None

@@ -1,26 +1,35 @@
-"""``p4q compare RUN_DIR... [--out DIR]``: gather finished runs into one table and one plot.
+"""``p4q compare RUN_DIR|GLOB... [--out DIR]``: gather finished runs into one table and one plot.
 
 Reads every ``comparison.json`` that :class:`~p4q_lightning.callbacks.compare.ComparisonCallback`
-wrote under the given run directories (or the JSON files themselves), averages rows of the
-same method, bits and shots over runs (seeds), prints a markdown table and writes
-``sweep.csv`` (every row), ``summary.csv`` and ``sweep.png`` (accuracy vs bits and vs shots).
+wrote under the given run directories, globs or files; anything else given (a stray file, an
+empty folder, unreadable JSON) is skipped with one warning line. Rows are grouped by experiment
+(dataset, model, shots) and method + bits; a baseline that every run of a seed reports (float
+zero-shot, PTQ) counts once per seed; top-1/top-5 are the mean and sample std over seeds (CoOp's
+result parser reports the same). Writes ``sweep.csv`` (one row per method, bits and seed),
+``summary.csv``, ``summary.md`` and ``sweep.png``, and prints the markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
+import logging
 import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "comparison.json"
 RAW_COLUMNS = [
     "run",
-    "model",
     "dataset",
+    "model",
+    "experiment_shots",
     "seed",
     "method",
     "bits",
@@ -33,98 +42,148 @@ RAW_COLUMNS = [
     "n_test",
 ]
 SUMMARY_COLUMNS = [
+    "dataset",
     "model",
+    "experiment_shots",
     "method",
     "bits",
     "w_bits",
     "shots",
-    "runs",
+    "seeds",
     "top1",
     "top1_std",
     "top5",
+    "top5_std",
     "size_mb",
 ]
+METHOD_ORDER = {"fp32 zero-shot": 0, "coop": 1, "ptq": 2, "p4q": 3}
 
 
-def find_results(paths: Iterable[Path]) -> list[Path]:
-    """``comparison.json`` files: given directly or anywhere under the given directories."""
+def _expand(arg: str) -> list[Path]:
+    """A shell-quoted glob (``'runs/**/seed*'``) expands here; other paths stay as given."""
+    if glob.has_magic(arg):
+        return [Path(p) for p in sorted(glob.glob(arg, recursive=True))]
+    return [Path(arg)]
+
+
+def find_results(args: Iterable[str]) -> tuple[list[Path], list[str]]:
+    """(``comparison.json`` files found, the paths given that hold none)."""
     found: list[Path] = []
-    for p in paths:
-        if p.is_file():
-            found.append(p)
-        elif p.is_dir():
-            found += sorted(p.rglob("comparison.json"))
-        else:
-            raise FileNotFoundError(f"{p} is neither a run directory nor a comparison.json file")
+    skipped: list[str] = []
+    for arg in args:
+        paths = _expand(arg)
+        if not paths:
+            skipped.append(arg)
+        for p in paths:
+            if p.is_file() and p.name == RESULT_FILE:
+                found.append(p)
+            elif p.is_dir() and (hits := sorted(p.rglob(RESULT_FILE))):
+                found += hits
+            else:
+                skipped.append(str(p))
     unique: dict[Path, Path] = {}
-    for f in found:  # a run named twice (directly and through its sweep directory) counts once
+    for f in found:  # a run named twice (directly and through its parent) counts once
         unique.setdefault(f.resolve(), f)
-    return list(unique.values())
+    return list(unique.values()), skipped
 
 
-def load_rows(files: Iterable[Path]) -> list[dict[str, Any]]:
-    rows = []
+def _run_name(path: Path) -> str:
+    run = path.parent.parent if path.parent.name == "comparison" else path.parent
+    return str(run)
+
+
+def load_rows(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every comparison row, tagged with its run's experiment; unreadable files are returned."""
+    rows: list[dict[str, Any]] = []
+    bad: list[str] = []
     for f in files:
-        payload = json.loads(f.read_text())
-        run = payload.get("run", {})
-        name = f.parent.parent.name if f.parent.name == "comparison" else f.parent.name
-        for r in payload["rows"]:
+        try:
+            payload = json.loads(f.read_text())
+            run, run_rows = payload.get("run", {}), list(payload["rows"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            bad.append(str(f))
+            continue
+        shots = run.get("shots")
+        if shots is None:  # older files: the trained row carries the run's shots
+            shots = max((int(r.get("shots") or 0) for r in run_rows), default=0)
+        for r in run_rows:
             rows.append(
                 {
-                    "run": name,
-                    "model": run.get("model"),
+                    "run": _run_name(f),
                     "dataset": run.get("dataset"),
+                    "model": run.get("model"),
+                    "experiment_shots": shots,
                     "seed": run.get("seed"),
                     **r,
                 }
             )
-    return rows
+    return rows, bad
+
+
+def _key(r: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(r[k]) for k in ("dataset", "model", "experiment_shots", "method", "bits"))
+
+
+def dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per experiment, method, bits and seed: a baseline every run reports counts once."""
+    unique: dict[tuple[str, ...], dict[str, Any]] = {}
+    for r in rows:
+        unique.setdefault((*_key(r), str(r["seed"])), r)
+    return list(unique.values())
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean (and std) over runs of rows sharing model, method, bits and shots."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    """Mean and std over seeds of each experiment's method and bits (rows already deduped)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["method"], r["bits"], r["shots"]), []).append(r)
+        groups.setdefault(_key(r), []).append(r)
     out = []
-    for (model, method, bits, shots), rs in groups.items():
+    for rs in groups.values():
         top1 = [float(r["top1"]) for r in rs]
+        top5 = [float(r["top5"]) for r in rs]
+        first = rs[0]
         out.append(
             {
-                "model": model,
-                "method": method,
-                "bits": bits,
-                "w_bits": rs[0]["w_bits"],
-                "shots": shots,
-                "runs": len(rs),
+                **{k: first[k] for k in ("dataset", "model", "experiment_shots", "method")},
+                **{k: first[k] for k in ("bits", "w_bits", "shots", "size_mb")},
+                "seeds": len(rs),
                 "top1": statistics.fmean(top1),
-                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                "top5": statistics.fmean(float(r["top5"]) for r in rs),
-                "size_mb": rs[0]["size_mb"],
+                "top1_std": _std(top1),
+                "top5": statistics.fmean(top5),
+                "top5_std": _std(top5),
             }
         )
-    order = {"fp32 zero-shot": 0, "coop": 1, "ptq": 2, "p4q": 3}
     out.sort(
         key=lambda r: (
+            str(r["dataset"]),
             str(r["model"]),
+            int(r["experiment_shots"] or 0),
             -int(r["w_bits"] or 32),
-            order.get(r["method"], 9),
+            METHOD_ORDER.get(r["method"], 9),
             int(r["shots"] or 0),
         )
     )
     return out
 
 
+def _pct(mean: float, std: float, n: int) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
+
+
 def markdown(summary: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | method | bits | shots | runs | top-1 (%) | top-5 (%) | size (MB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| dataset | model | shots | method | bits | seeds | top-1 (%) | top-5 (%) | size (MB) |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in summary:
-        std = f" ± {100 * r['top1_std']:.2f}" if r["runs"] > 1 else ""
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['bits']} | {r['shots']} | {r['runs']} | "
-            f"{100 * r['top1']:.2f}{std} | {100 * r['top5']:.2f} | {float(r['size_mb']):.2f} |"
+            f"| {r['dataset']} | {r['model']} | {r['experiment_shots']} | {r['method']} | "
+            f"{r['bits']} | {r['seeds']} | {_pct(r['top1'], r['top1_std'], r['seeds'])} | "
+            f"{_pct(r['top5'], r['top5_std'], r['seeds'])} | {float(r['size_mb']):.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -141,30 +200,38 @@ def main(argv: list[str] | None = None) -> int:
         prog="p4q compare", description=__doc__.splitlines()[0].split(": ", 1)[-1]
     )
     parser.add_argument(
-        "runs", nargs="+", type=Path, help="run directories or comparison.json files"
+        "runs", nargs="+", help="run directories, globs (quoted) or comparison.json files"
     )
     parser.add_argument("--out", type=Path, default=Path("p4q-compare"), help="output directory")
     args = parser.parse_args(argv)
-    try:
-        files = find_results(args.runs)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    if not files:
-        parser.error(
-            "no comparison.json under the given paths: run `test` with ComparisonCallback first"
+    files, skipped = find_results(args.runs)
+    rows, bad = load_rows(files)
+    skipped = list(dict.fromkeys(skipped + bad))  # a path named twice is reported once
+    if skipped:
+        log.warning(
+            "p4q compare: skipped %d path(s) holding no run result: %s",
+            len(skipped),
+            ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""),
         )
-    rows = load_rows(files)
+    if not rows:
+        parser.error(
+            f"no {RESULT_FILE} under the given paths: run `lightning test` (or fit) with "
+            "ComparisonCallback first"
+        )
+    rows = dedupe(rows)
     summary = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(summary)
     _write_csv(args.out / "sweep.csv", rows, RAW_COLUMNS)
     _write_csv(args.out / "summary.csv", summary, SUMMARY_COLUMNS)
+    (args.out / "summary.md").write_text(table)
     from p4q_lightning.plots import accuracy_vs_bits_and_shots
 
     accuracy_vs_bits_and_shots(summary, args.out / "sweep.png")
-    sys.stdout.write(f"{len(files)} runs, {len(rows)} rows\n\n" + markdown(summary))
-    sys.stdout.write(
-        f"\nwrote {args.out / 'sweep.csv'}, {args.out / 'summary.csv'}, {args.out / 'sweep.png'}\n"
-    )
+    runs = len(files) - len(bad)
+    sys.stdout.write(f"{runs} runs, {len(rows)} rows (mean ± std over seeds)\n\n{table}")
+    written = ", ".join(str(args.out / n) for n in ("sweep.csv", "summary.csv", "summary.md"))
+    sys.stdout.write(f"\nwrote {written}, {args.out / 'sweep.png'}\n")
     return 0
 
 
