@@ -49,3 +49,30 @@ def test_random_init_and_checkpoint_path_round_trip(tmp_path: Path) -> None:
     loaded, _, _ = load_clip("ViT-S-32", pretrained=str(path))
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_unknown_tag_fails_at_once_naming_the_tags_and_the_local_file_option() -> None:
+    with pytest.raises(ValueError, match=r"openai.*--model\.pretrained /path/to/"):
+        load_clip("ViT-B-32-quickgelu", pretrained="opneai")
+
+
+def test_no_network_fails_fast_with_the_local_file_option(monkeypatch) -> None:
+    from p4q_lightning.model import weights
+
+    probed: list[str] = []
+    monkeypatch.setattr(weights, "_cached_on_hub", lambda hub: False)
+    monkeypatch.setattr(weights, "reachable", lambda host: probed.append(host) or False)
+    with pytest.raises(ConnectionError, match=r"cannot be reached.*--model\.pretrained /path/"):
+        load_clip("ViT-B-32-quickgelu", pretrained="openai")
+    assert probed == ["huggingface.co"]
+
+
+def test_random_weights_saved_to_a_file_load_by_path_through_the_module(tmp_path: Path) -> None:
+    from p4q_lightning.model.build import build_teacher
+
+    model, _ = build_teacher("ViT-S-32", None, init_seed=3)
+    path = tmp_path / "open_clip_model.pt"
+    torch.save(model.state_dict(), path)
+    loaded, _ = build_teacher("ViT-S-32", str(path), init_seed=4)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

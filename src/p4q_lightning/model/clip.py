@@ -46,6 +46,10 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
             f"pretrained checkpoint {pretrained!r} does not exist: pass an existing file, an "
             f"open_clip tag (see open_clip.list_pretrained_tags_by_model({name!r})), or None"
         )
+    if not looks_like_path:
+        from p4q_lightning.model.weights import check_pretrained_tag
+
+        check_pretrained_tag(name, pretrained)
     return pretrained
 
 
