@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
+import torch
 import wandb
 
 import wandb_records
@@ -126,3 +128,25 @@ def test_wandb_fit_then_test_is_one_named_grouped_run_with_config_and_export(
     artifacts = found["artifact"]
     assert [a.type for a in artifacts] == ["model"]
     assert any(f.path == "model-lowbit.safetensors" for f in artifacts[0].manifest.contents)
+
+
+def test_predict_writes_top5_predictions_into_the_run_directory(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = str(tiny_config(world, tmp_path))
+    cli.cli_main(["fit", "--config", config])
+    pred = cli.cli_main(["predict", "--config", config, "--ckpt_path", "last"])
+    with (run_dir(tmp_path) / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    dataset = pred.trainer.predict_dataloaders.dataset
+    assert len(rows) == len(dataset)
+    k = min(5, len(pred.model.classnames))
+    assert list(rows[0]) == ["image", "target"] + [f"pred_{i}" for i in range(1, k + 1)] + [
+        f"score_{i}" for i in range(1, k + 1)
+    ]
+    assert rows[0]["image"] == str(dataset.samples[0][0])  # an image file, not a position
+    logits = torch.cat([p["logits"] for p in pred.trainer.predict_loop.predictions])
+    names = pred.model.classnames
+    assert [r["pred_1"] for r in rows] == [names[i] for i in logits.argmax(-1).tolist()]
+    for r in rows:
+        scores = [float(r[f"score_{i}"]) for i in range(1, k + 1)]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-5

@@ -17,10 +17,11 @@ from pathlib import Path
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from p4q_lightning import rundir
+from p4q_lightning.callbacks.predictions import PredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +128,7 @@ class P4QCLI(LightningCLI):
                 callback.dirpath = checkpoints
                 if callback.save_last is None:
                     callback.save_last = True  # `--ckpt_path last` (resume, test) finds it
+        if self.subcommand == "predict" and not any(
+            isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks
+        ):
+            self.trainer.callbacks.append(PredictionWriter())  # predictions.csv in the run dir

@@ -8,11 +8,12 @@ swaps in real integer matrix multiplies for CPU inference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from p4q_lightning.model.clip import load_clip
 from p4q_lightning.quant import QuantSpec, quant_modules, quantize
 
 log = logging.getLogger(__name__)
+
+#: what the predict API takes: tensors, PIL images, image paths, or a list of these
+Images = Any
 
 
 class LowBitCLIP(nn.Module):
@@ -79,21 +83,64 @@ class LowBitCLIP(nn.Module):
             z = self.adapter(z)
         return F.normalize(z, dim=-1)
 
+    def as_batch(self, images: Images) -> torch.Tensor:
+        """A preprocessed ``[N, 3, H, W]`` batch on the model's device from a tensor (``[3, H, W]``
+        or ``[N, 3, H, W]``, already preprocessed), a PIL image, an image path, or a list of these.
+        """
+        if isinstance(images, torch.Tensor):
+            batch = images.unsqueeze(0) if images.dim() == 3 else images
+        else:
+            items = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not items:
+                raise ValueError("no images given")
+            batch = torch.stack([self._one_image(item) for item in items])
+        if batch.dim() != 4:
+            raise ValueError(f"images must be [N, 3, H, W] or [3, H, W], got {tuple(batch.shape)}")
+        ref = self.text_features if self.text_features is not None else self.logit_scale
+        return batch.to(ref.device) if ref is not None else batch
+
+    def _one_image(self, item: Any) -> torch.Tensor:
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, (str, os.PathLike)):
+            from PIL import Image
+
+            with Image.open(item) as opened:
+                item = opened.convert("RGB")
+        if self.preprocess is None:
+            raise ValueError(
+                "this model has no preprocess transform: pass preprocessed tensors instead"
+            )
+        return self.preprocess(item.convert("RGB") if hasattr(item, "convert") else item)
+
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: Images) -> torch.Tensor:
         if self.text_features is None:
             raise ValueError(
                 "this export has no classifier head (text features); export it with "
                 "text_features= and classnames=, or use encode_image/encode_text"
             )
-        return self.logit_scale * self.image_features(images) @ self.text_features.t()
+        features = self.image_features(self.as_batch(images))
+        return self.logit_scale * features @ self.text_features.t()
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def predict(self, images: Images) -> torch.Tensor:
+        """Class indices of tensors, PIL images or image paths (see :meth:`as_batch`)."""
         return self.logits(images).argmax(dim=-1)
 
-    def predict_names(self, images: torch.Tensor) -> list[str]:
+    def predict_names(self, images: Images) -> list[str]:
+        """Class names of tensors, PIL images or image paths (see :meth:`as_batch`)."""
         return [self.classnames[i] for i in self.predict(images).tolist()]
+
+    @torch.no_grad()
+    def topk(self, images: Images, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per image, the ``k`` most probable classes with their softmax probabilities."""
+        probs = self.logits(images).float().softmax(dim=-1)
+        scores, top = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        return [
+            [(self.classnames[j], float(p)) for j, p in zip(idx, sc, strict=True)]
+            for idx, sc in zip(top.tolist(), scores.tolist(), strict=True)
+        ]
 
     def to_int8(self) -> LowBitCLIP:
         """Run quantized linears with real int8 matrix multiplies (CPU); returns ``self``."""
@@ -219,6 +266,22 @@ def _ensure_registered(model_info: dict[str, Any]) -> None:
     open_clip.add_model_config(directory / f"{name}.json")
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip warns on the root logger that a model built without weights is random."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_lowbit(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
@@ -240,7 +303,8 @@ def load_lowbit(
     spec = schema.validate(path, tensors, info)
     model_info = info["model"]
     _ensure_registered(model_info)
-    clip, preprocess, tokenizer = load_clip(model_info["name"], None)
+    with _without_random_init_warning():  # the stored weights replace the random ones below
+        clip, preprocess, tokenizer = load_clip(model_info["name"], None)
     student = quantize(clip, spec)
     del clip
     _check_head_fits(student, tensors)
