@@ -1,5 +1,6 @@
 """Command-line entry: ``lightning``, ``p4q`` and ``python -m p4q_lightning``.
 
+``p4q --help`` lists every command and ``--version`` answers without importing torch.
 ``fit``/``validate``/``test``/``predict`` (and ``--print_config``) are LightningCLI over
 :class:`~p4q_lightning.module.P4QModule` and any LightningDataModule (``data.class_path``).
 ``export``, ``compare`` and ``demo`` dispatch to ``p4q_lightning.commands.<name>.main(argv)``,
@@ -8,6 +9,7 @@ which receives the arguments after the sub-command name.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
@@ -19,6 +21,36 @@ from p4q_lightning.wandb_mode import resolve_wandb_mode
 log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("export", "compare", "demo")
+# every command, in the order the overview lists them, with its one-line summary
+COMMANDS = {
+    "fit": "train (LightningCLI): fit --config experiments/vitb32_4bit.yaml",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate on the test split; --ckpt_path last finds the fit's run directory",
+    "predict": "write predictions.csv (top-5 classes per image) into the run directory",
+    "export": "write the low-bit model file from a checkpoint (p4q export CKPT --verify)",
+    "compare": "gather run directories into one table (mean ± std over seeds) and a plot",
+    "demo": "the embedded CPU demo: P4Q / PTQ / CoOp on a synthetic world",
+}
+HELP_FLAGS = ("-h", "--help")
+
+
+def _overview() -> argparse.ArgumentParser:
+    """The top-level help and ``--version``, answered without importing torch or Lightning."""
+    from p4q_lightning import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="p4q",
+        usage=f"p4q {{{','.join(COMMANDS)}}} [ARGS]  "
+        "(same as `lightning ...` and `python -m p4q_lightning ...`)",
+        description="P4Q (Prompt for Quantization) for low-bit open_clip CLIP on PyTorch "
+        "Lightning.",
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+        + "\n\n`p4q COMMAND --help` lists the command's own arguments.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"p4q_lightning {__version__}")
+    return parser
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -111,6 +143,11 @@ def one_line(err: BaseException) -> str:
 
 def _main(argv: Sequence[str] | None) -> int | None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        _overview().print_help(sys.stderr)
+        raise SystemExit(2)
+    if args[0] in (*HELP_FLAGS, "--version"):
+        _overview().parse_args(args[:1])  # prints and exits
     _log_to_console()
     if args and args[0] in SUBCOMMANDS:
         return _dispatch(args[0], args[1:])

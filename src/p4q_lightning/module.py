@@ -53,23 +53,39 @@ class P4QModule(P4QClassifierMixin, LightningModule):
             training) or ``zeroshot`` (float model, template classifier, no training).
         quant: quantization preset (``w8a8``, ``w4a4``, ``p4q-448``, ...) or QuantSpec dict.
         quant_overrides: per-group changes, e.g. ``{"attn_internals": {"a_bits": 8}}``.
-        n_ctx, ctx_init, class_specific, class_token_position, ctx_init_std: the CoOp prompt.
-        adapter: train the low-bit adapter (``p4q`` only); ``adapter_reduction``,
-            ``adapter_ratio``, ``adapter_bias`` shape it; its bits are the spec's ``adapter`` group.
+        n_ctx: number of learned prompt context vectors (CoOp: 16).
+        ctx_init: initialise the context from this phrase (e.g. ``a photo of a``; sets n_ctx).
+        class_specific: one context per class (CoOp's CSC) instead of one shared context.
+        class_token_position: where the class name sits in the prompt: end, middle or front.
+        ctx_init_std: std of the random context initialisation (when ctx_init is None).
+        adapter: train the low-bit adapter (``p4q`` only); its bits are the spec's ``adapter``
+            group.
+        adapter_reduction: the adapter's bottleneck is the embedding width / this.
+        adapter_ratio: blend of adapted and original image features (0: adapter off).
+        adapter_bias: give the adapter's linear layers a bias.
         logit_scale: fixed logit scale (the official code uses 100); None uses the model's.
-        ce_weight, distill_weight: loss weights; ``distill_kind`` ``kd`` (standard, with
-            ``distill_temperature``) or ``official`` (the official code's expression).
+        ce_weight: weight of the cross-entropy loss on the labels.
+        distill_weight: weight of the distillation loss from the float teacher (0: none).
+        distill_kind: ``kd`` (standard, with distill_temperature) or ``official`` (the
+            official code's expression).
+        distill_temperature: softmax temperature of the ``kd`` distillation.
         teacher_text: the teacher's classifier: ``templates`` (mean template embedding) or
             ``prompt`` (the learned prompt through the float text tower).
-        prompt_lr, prompt_momentum, prompt_weight_decay: SGD for the prompt context.
-        adapter_lr, adapter_weight_decay, adapter_eps: AdamW for the adapter.
-        warmup_epochs, warmup_lr: constant-lr warmup before the per-step cosine schedule.
+        prompt_lr: SGD learning rate of the prompt context.
+        prompt_momentum: SGD momentum of the prompt context.
+        prompt_weight_decay: SGD weight decay of the prompt context.
+        adapter_lr: AdamW learning rate of the adapter.
+        adapter_weight_decay: AdamW weight decay of the adapter.
+        adapter_eps: AdamW epsilon of the adapter.
+        warmup_epochs: epochs of constant-lr warmup before the per-step cosine schedule.
+        warmup_lr: the learning rate during warmup.
         feature_views: augmented views of the training set whose image features are cached
             (0 = live augmentation: both image towers run on every step).
         feature_cache_dir: directory to keep the feature cache between runs (None: memory only).
         text_chunk_size: classes per text-tower chunk (None: all at once).
         text_checkpointing: recompute text-tower chunks in the backward pass (saves memory).
-        classnames, templates: override the datamodule's class names and prompt templates.
+        classnames: override the datamodule's class names (same number of classes).
+        templates: override the datamodule's prompt templates (each with one ``{}``).
     """
 
     def __init__(

@@ -44,25 +44,41 @@ class FewShotDataModule(L.LightningDataModule):
             ``uoft-cs/cifar100``) or builder (``imagefolder`` with ``data_dir``); a local image
             folder (ImageNet layout ``train/<wnid>/`` + ``val/<wnid>/``, or ``<class>/`` folders);
             a folder written by ``save_to_disk``; or ``synthetic[:<world_seed>]``.
-        shots, seed: images per class and the sampling seed (CoOp: 1/2/4/8/16, seeds 1-3).
-        batch_size, eval_batch_size: loader batch sizes (eval defaults to ``batch_size``).
-        num_workers, pin_memory, persistent_workers: DataLoader settings (``pin_memory=None``:
-            on when CUDA is available).
-        image_size: model input side (None: 224, or the synthetic world's 32).
-        mean, std: normalisation (OpenAI CLIP's by default, as open_clip uses).
-        crop_scale, hflip, train_augment: CoOp's train augmentation (None scale: (0.08, 1),
-            or (0.5, 1) for the 32-pixel synthetic world, whose objects a tiny crop would miss).
+        shots: training images per class (CoOp: 1, 2, 4, 8, 16).
+        seed: seed of the few-shot sampling (CoOp: 1, 2, 3).
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (None: batch_size).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin loader memory (None: on when CUDA is available).
+        persistent_workers: keep loader workers alive between epochs.
+        image_size: model input side (None: the model's, 224, or the synthetic world's 32).
+        mean: normalisation mean (None: the model's preprocessing config, else OpenAI CLIP's).
+        std: normalisation std (None: the model's preprocessing config, else OpenAI CLIP's).
+        interpolation: resize interpolation (None: the model's, else ``bicubic``).
+        crop_scale: RandomResizedCrop scale of CoOp's train augmentation (None: (0.08, 1), or
+            (0.5, 1) for the 32-pixel synthetic world, whose objects a tiny crop would miss).
+        hflip: random horizontal flips in the train augmentation.
+        train_augment: augment training images (False: the eval transform).
         calib_images: how many seeded train-split images ``calibration_dataloader`` serves.
         split_dir: where split files go (default ``$P4Q_CACHE_DIR/splits``).
         skip_corrupt: skip unreadable images (counted and logged) instead of failing.
         expected_num_classes: fail early when the dataset has a different number of classes.
-        classnames, templates: override the dataset's class names / prompt templates.
+        classnames: override the dataset's class names (same number of classes).
+        templates: override the dataset's prompt templates (each with one ``{}``).
         in_memory: decode the few-shot train/val images once and keep them in memory.
         cache_shorter_side: in-memory images are downscaled to this shorter side (None:
             ``image_size * 8 / 7``, i.e. 256 for 224) to bound memory.
-        data_dir, hf_config, image_column, label_column, train_split, val_split, test_split,
-            hf_cache_dir: passed to the Hugging Face loader (all detected when None).
-        world_seed, synthetic_train_per_class, synthetic_test_per_class: the synthetic world.
+        data_dir: Hugging Face ``data_dir`` (e.g. with the ``imagefolder`` builder).
+        hf_config: Hugging Face dataset config name (None: detected).
+        image_column: the image column (None: detected).
+        label_column: the label column (None: detected).
+        train_split: the hub split to sample shots from (None: detected).
+        val_split: the hub split for validation (None: detected).
+        test_split: the hub split for testing (None: detected).
+        hf_cache_dir: Hugging Face datasets cache directory.
+        world_seed: the synthetic world (``synthetic:<seed>`` sets it too).
+        synthetic_train_per_class: synthetic training pool per class.
+        synthetic_test_per_class: synthetic test images per class.
     """
 
     def __init__(
