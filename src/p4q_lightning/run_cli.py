@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # a logger save_dir of None or "." (WandbLogger's default) means "the run directory"
 UNSET_DIRS = (None, "", ".")
+PREPROCESS_KEYS = ("image_size", "mean", "std", "interpolation")
 
 
 
@@ -53,6 +54,25 @@ def _fill_wandb(args: Namespace, ident: rundir.RunIdentity, directory: Path, job
             args[key] = value
     if args.get("id") is None and args.get("version") is None:
         args["id"] = rundir.wandb_run_id(directory, create=True)
+
+
+def _fill_preprocess(cfg: Namespace) -> None:
+    """Unset data image_size/mean/std/interpolation come from the model's preprocessing config,
+    so a SigLIP or a 336-pixel model is fed what it was trained on."""
+    data = cfg.get("data")
+    args = data.get("init_args") if isinstance(data, Namespace) else None
+    if args is None or not all(k in args for k in PREPROCESS_KEYS):
+        return
+    missing = [k for k in PREPROCESS_KEYS if args.get(k) is None]
+    if not missing:
+        return
+    from p4q_lightning.data.transforms import model_preprocess
+
+    model = cfg.model
+    found = model_preprocess(model.model_name, model.get("pretrained"), model.get("model_config"))
+    for key in missing:
+        value = found[key]
+        args[key] = list(value) if isinstance(value, tuple) else value
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -111,6 +131,7 @@ class P4QCLI(LightningCLI):
                     Path(args.get("save_dir") or directory),
                     str(self.subcommand or "fit"),
                 )
+        _fill_preprocess(cfg)
         name = (
             rundir.FIT_CONFIG
             if self.subcommand in (None, "fit")

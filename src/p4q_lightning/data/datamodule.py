@@ -92,8 +92,9 @@ class FewShotDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         image_size: int | None = None,
-        mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
-        std: tuple[float, float, float] = OPENAI_DATASET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
         crop_scale: tuple[float, float] | None = None,
         hflip: bool = True,
         train_augment: bool = True,
@@ -135,6 +136,10 @@ class FewShotDataModule(L.LightningDataModule):
                 ) from None
         self.world_seed = world_seed
         self.image_size = image_size or (32 if self.synthetic else 224)
+        # the command line fills these from the model's preprocessing config (P4QCLI)
+        self.mean = tuple(mean) if mean else OPENAI_DATASET_MEAN
+        self.std = tuple(std) if std else OPENAI_DATASET_STD
+        self.interpolation = interpolation or "bicubic"
         default_scale = (0.5, 1.0) if self.synthetic else (0.08, 1.0)
         self.crop_scale = tuple(crop_scale) if crop_scale else default_scale
         self.split_dir = split_dir
@@ -255,10 +260,16 @@ class FewShotDataModule(L.LightningDataModule):
         source, hp = self.source, self.hparams
         if self.split is None:
             self.split = self._load_split()
-        ev = eval_transform(self.image_size, hp.mean, hp.std)
+        ev = eval_transform(self.image_size, self.mean, self.std, self.interpolation)
         if stage in (None, "fit") and self.train_dataset is None:
             tr = train_transform(
-                self.image_size, hp.mean, hp.std, self.crop_scale, hp.hflip, hp.train_augment
+                self.image_size,
+                self.mean,
+                self.std,
+                self.crop_scale,
+                hp.hflip,
+                hp.train_augment,
+                self.interpolation,
             )
             self.train_dataset = self._few_shot_dataset("train", self.split["train"], tr)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
@@ -340,7 +351,7 @@ class FewShotDataModule(L.LightningDataModule):
         n_total = len(source.labels("train"))
         n = min(hp.calib_images if num_images is None else num_images, n_total)
         indices = sorted(random.Random(f"calib-{self.seed}").sample(range(n_total), n))
-        transform = eval_transform(self.image_size, hp.mean, hp.std)
+        transform = eval_transform(self.image_size, self.mean, self.std, self.interpolation)
         ds = SourceDataset(
             source, "train", indices, transform, skip_corrupt=hp.skip_corrupt, flip_odd=hp.hflip
         )
