@@ -3,6 +3,7 @@ schedule."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -42,6 +43,64 @@ def test_matches_torch_sgd_and_adamw(nesterov):
         torch.testing.assert_close(b1, b2)
     state = ours.state_dict()
     assert len(state["param_groups"]) == 2
+
+
+def _pair(seed: int = 0):
+    torch.manual_seed(seed)
+    a, b = torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    groups = [
+        dict(params=[a], algorithm="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4),
+        dict(params=[b], algorithm="adamw", lr=1e-2, eps=1e-4, weight_decay=1e-2),
+    ]
+    return (a, b), PromptAdapterOptimizer(groups)
+
+
+def _step(params, opt, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+
+
+def test_update_rules_are_torchs_own_optimisers():
+    _, opt = _pair()
+    assert {type(o) for o in opt._inner.values()} == {torch.optim.SGD, torch.optim.AdamW}
+    only_sgd = PromptAdapterOptimizer([dict(params=[torch.zeros(2, requires_grad=True)])])
+    assert [type(o) for o in only_sgd._inner.values()] == [torch.optim.SGD]
+
+
+def test_schedule_and_checkpoint_reach_the_inner_optimisers():
+    """A scheduler's lr and a reloaded state_dict act on the delegated steps: a resumed copy
+    continues exactly like the original."""
+    grads = [(torch.randn(4, 3), torch.randn(5)) for _ in range(6)]
+    params, opt = _pair()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.5**s, lambda s: 1.0 / (1 + s)])
+    for g in grads[:3]:
+        _step(params, opt, g)
+        sched.step()
+    saved = (
+        [p.detach().clone() for p in params],
+        copy.deepcopy(opt.state_dict()),
+        sched.state_dict(),
+    )
+    for g in grads[3:]:
+        _step(params, opt, g)
+        sched.step()
+    resumed_params, resumed = _pair(seed=1)  # other values, then the checkpoint
+    with torch.no_grad():
+        for p, v in zip(resumed_params, saved[0], strict=True):
+            p.copy_(v)
+    resumed_sched = torch.optim.lr_scheduler.LambdaLR(  # Lightning's order: build, then load
+        resumed, [lambda s: 0.5**s, lambda s: 1.0 / (1 + s)]
+    )
+    resumed.load_state_dict(saved[1])
+    resumed_sched.load_state_dict(saved[2])
+    assert resumed._inner["adamw"].state is resumed.state  # rebound after loading
+    for g in grads[3:]:
+        _step(resumed_params, resumed, g)
+        resumed_sched.step()
+    for p, q in zip(params, resumed_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**6)
 
 
 def test_unknown_algorithm():

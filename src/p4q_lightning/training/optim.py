@@ -1,9 +1,10 @@
 """Optimisation as the references do it: SGD for the prompt context, AdamW for the adapter, each
 with a constant warmup followed by a per-step cosine decay to zero.
 
-Both live in one :class:`PromptAdapterOptimizer` (a param group per part), so Lightning's
-automatic optimisation, ``global_step``, gradient clipping and accumulation behave as usual
-(two optimisers would need manual optimisation, which counts a step per optimiser).
+Both live in one :class:`PromptAdapterOptimizer` (a param group per part, the update rules
+delegated to ``torch.optim.SGD`` and ``torch.optim.AdamW``), so Lightning's automatic
+optimisation, ``global_step``, gradient clipping and accumulation behave as usual (two optimisers
+would need manual optimisation, which counts a step per optimiser).
 """
 
 from __future__ import annotations
@@ -21,25 +22,42 @@ if TYPE_CHECKING:
 
 
 class PromptAdapterOptimizer(Optimizer):
-    """Per param group either SGD (``algorithm="sgd"``: momentum, dampening, nesterov,
-    weight decay added to the gradient) or AdamW (``algorithm="adamw"``: betas, eps, decoupled
-    weight decay), with the same update rules as ``torch.optim.SGD`` and ``torch.optim.AdamW``."""
+    """One optimiser object for Lightning whose update rules are ``torch.optim.SGD`` (groups with
+    ``algorithm="sgd"``) and ``torch.optim.AdamW`` (``algorithm="adamw"``).
+
+    The inner torch optimisers share this object's param-group dicts and state, so learning-rate
+    schedules, ``state_dict`` and checkpoints see one optimiser with one group per part.
+    """
+
+    ALGORITHMS: dict[str, type[Optimizer]] = {
+        "sgd": torch.optim.SGD,
+        "adamw": torch.optim.AdamW,
+    }
 
     def __init__(self, params: Iterable[dict[str, Any]]) -> None:
-        defaults = dict(
-            algorithm="sgd",
-            lr=1e-3,
-            momentum=0.0,
-            dampening=0.0,
-            nesterov=False,
-            weight_decay=0.0,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-        )
-        super().__init__(list(params), defaults)
-        for group in self.param_groups:
-            if group["algorithm"] not in ("sgd", "adamw"):
-                raise ValueError(f"unknown algorithm {group['algorithm']!r}: use 'sgd' or 'adamw'")
+        groups = list(params)
+        for group in groups:
+            algorithm = group.setdefault("algorithm", "sgd")
+            if algorithm not in self.ALGORITHMS:
+                raise ValueError(f"unknown algorithm {algorithm!r}: use 'sgd' or 'adamw'")
+        super().__init__(groups, dict(lr=1e-3))
+        self._inner: dict[str, Optimizer] = {}
+        for algorithm, cls in self.ALGORITHMS.items():
+            mine = [g for g in self.param_groups if g["algorithm"] == algorithm]
+            if mine:
+                self._inner[algorithm] = cls(mine)  # fills each group with its own defaults
+        self._bind()
+
+    def _bind(self) -> None:
+        """Point the inner optimisers at this object's current groups and state (again after
+        ``load_state_dict``, which replaces both)."""
+        for algorithm, inner in self._inner.items():
+            inner.param_groups = [g for g in self.param_groups if g["algorithm"] == algorithm]
+            inner.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._bind()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -47,44 +65,9 @@ class PromptAdapterOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            update = _sgd if group["algorithm"] == "sgd" else _adamw
-            for p in group["params"]:
-                if p.grad is not None:
-                    update(p, p.grad, group, self.state[p])
+        for inner in self._inner.values():
+            inner.step()
         return loss
-
-
-def _sgd(p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-    if group["weight_decay"]:
-        grad = grad.add(p, alpha=group["weight_decay"])
-    momentum = group["momentum"]
-    if momentum:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = grad.detach().clone()
-        else:
-            buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-    p.add_(grad, alpha=-group["lr"])
-
-
-def _adamw(
-    p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
-) -> None:
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
-    beta1, beta2 = group["betas"]
-    state["step"] += 1
-    step = float(state["step"])
-    p.mul_(1 - group["lr"] * group["weight_decay"])
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias2)).add_(group["eps"])
-    p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
 
 
 class WarmupCosine:
