@@ -37,7 +37,8 @@ def test_identity_names_dataset_model_method_bits_shots_seed():
     coop = {**config, "model": {**config["model"], "method": "coop"}}
     assert rundir.identity(coop).bits == "fp32"
     ptq = {**config, "model": {**config["model"], "method": "ptq"}}
-    assert rundir.identity(ptq).shots is None  # untrained: the shot count is not part of it
+    assert rundir.identity(ptq).wandb_group == rundir.identity(config).wandb_group  # side by side
+    assert rundir.run_directory(ptq) != rundir.run_directory(config)
     other_split = {**config, "data": {"init_args": {**config["data"]["init_args"], "seed": 3}}}
     assert rundir.identity(other_split).seed == "2-split3"
     ident = rundir.identity(config)

@@ -19,6 +19,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from p4q_lightning import rundir
 from p4q_lightning.callbacks.predictions import PredictionWriter
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 # a logger save_dir of None or "." (WandbLogger's default) means "the run directory"
 UNSET_DIRS = (None, "", ".")
 PREPROCESS_KEYS = ("image_size", "mean", "std", "interpolation")
-
 
 
 def _loggers(trainer: Namespace) -> list[Namespace]:
@@ -41,8 +41,11 @@ def _is_wandb(logger: Namespace) -> bool:
     return str(logger.get("class_path", "")).split(".")[-1] == "WandbLogger"
 
 
-def _fill_wandb(args: Namespace, ident: rundir.RunIdentity, directory: Path, job_type: str) -> None:
-    """Name, group, tags, job type and run id from the run, where the config leaves them unset."""
+def _fill_wandb(
+    args: Namespace, ident: rundir.RunIdentity, directory: Path, job_type: str, create: bool
+) -> None:
+    """Name, group, tags, job type and run id from the run, where the config leaves them unset
+    (only the first rank creates the id; W&B logs from that rank alone)."""
     defaults = {
         "name": ident.wandb_name,
         "group": ident.wandb_group,
@@ -53,7 +56,7 @@ def _fill_wandb(args: Namespace, ident: rundir.RunIdentity, directory: Path, job
         if args.get(key) is None:
             args[key] = value
     if args.get("id") is None and args.get("version") is None:
-        args["id"] = rundir.wandb_run_id(directory, create=True)
+        args["id"] = rundir.wandb_run_id(directory, create=create)
 
 
 def _fill_preprocess(cfg: Namespace) -> None:
@@ -112,7 +115,8 @@ class P4QCLI(LightningCLI):
         cfg = self._section()
         plain = cfg.as_dict()
         directory = rundir.run_directory(plain, cfg.get("run_dir"))
-        if self.subcommand == "fit":
+        first_rank = rank_zero_only.rank == 0  # other DDP ranks re-run this: they only read
+        if self.subcommand == "fit" and first_rank:
             rundir.prepare_fit(
                 directory, resume=cfg.get("ckpt_path") is not None, overwrite=cfg.get("overwrite")
             )
@@ -130,6 +134,7 @@ class P4QCLI(LightningCLI):
                     ident,
                     Path(args.get("save_dir") or directory),
                     str(self.subcommand or "fit"),
+                    create=first_rank,
                 )
         _fill_preprocess(cfg)
         name = (

@@ -32,7 +32,6 @@ RUN_ARTEFACTS = (
     "predictions.csv",
     WANDB_ID_FILE,
 )
-UNTRAINED = ("ptq", "zeroshot")
 FLOAT_METHODS = ("coop", "zeroshot")
 
 
@@ -131,7 +130,8 @@ def identity(config: Mapping[str, Any]) -> RunIdentity:
         model=slug(model.get("model_name", "model")),
         method=method,
         bits=_bits(model),
-        shots=int(shots) if shots is not None and method not in UNTRAINED else None,
+        # the experiment's shots for every method, so its W&B group holds the baselines too
+        shots=int(shots) if shots is not None else None,
         seed=_seed(config),
     )
 
