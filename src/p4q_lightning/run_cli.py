@@ -132,7 +132,7 @@ class P4QCLI(LightningCLI):
                 _fill_wandb(
                     args,
                     ident,
-                    Path(args.get("save_dir") or directory),
+                    directory,  # the id lives with the run, wherever W&B writes its files
                     str(self.subcommand or "fit"),
                     create=first_rank,
                 )
