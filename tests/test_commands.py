@@ -120,6 +120,9 @@ def test_compare_takes_globs_skips_non_runs_and_groups_by_dataset(tmp_path, caps
     assert {r["method"] for r in cifar} == {"fp32 zero-shot", "ptq", "p4q"}
     assert all(r["seeds"] == "1" for r in cifar)  # not averaged into the ImageNet rows
     assert "9 runs" in capsys.readouterr().out
+    with (out / "sweep.csv").open() as f:  # each row names its run directory, not "runs"
+        named = {r["run"] for r in csv.DictReader(f)}
+    assert str(root / "cifar-b4-s16-seed1") in named and str(root) not in named
 
 
 def test_compare_errors(tmp_path) -> None:
