@@ -79,6 +79,14 @@ def test_refit_refuses_then_resumes_or_overwrites(world, tmp_path, monkeypatch):
     assert (run_dir(tmp_path) / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_resuming_a_run_without_checkpoints_is_refused(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = str(tiny_config(world, tmp_path, enable_checkpointing=False))
+    cli.cli_main(["fit", "--config", config])
+    with pytest.raises(rundir.RunExistsError, match="no checkpoints/last.ckpt to resume"):
+        cli.cli_main(["fit", "--config", config, "--ckpt_path", "last"])
+
+
 def test_test_with_ckpt_path_last_finds_the_fit_run(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     config = str(tiny_config(world, tmp_path))

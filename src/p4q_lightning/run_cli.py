@@ -118,7 +118,7 @@ class P4QCLI(LightningCLI):
         first_rank = rank_zero_only.rank == 0  # other DDP ranks re-run this: they only read
         if self.subcommand == "fit" and first_rank:
             rundir.prepare_fit(
-                directory, resume=cfg.get("ckpt_path") is not None, overwrite=cfg.get("overwrite")
+                directory, ckpt_path=cfg.get("ckpt_path"), overwrite=cfg.get("overwrite")
             )
         self.run_directory = directory
         cfg.trainer.default_root_dir = str(directory)

@@ -153,13 +153,19 @@ class RunExistsError(RuntimeError):
     """``fit`` into a directory that already holds a run, without resume or overwrite."""
 
 
-def prepare_fit(directory: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, resume or overwrite when ``fit`` finds a previous run in ``directory``."""
+def prepare_fit(directory: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """Refuse, resume (``ckpt_path``) or overwrite when ``fit`` finds a previous run in
+    ``directory``."""
     found = previous_run(directory)
     if not found:
         return
-    if resume:
-        log.info("resuming the run in %s", directory)
+    if ckpt_path == "last" and not list((directory / "checkpoints").glob("last*.ckpt")):
+        raise RunExistsError(
+            f"{directory} holds a run but no checkpoints/last.ckpt to resume (was checkpointing "
+            "off?): replace the run with `--overwrite true` or pick another `--run_dir`"
+        )
+    if ckpt_path is not None:
+        log.info("resuming the run in %s from %s", directory, ckpt_path)
         return
     if not overwrite:
         raise RunExistsError(
