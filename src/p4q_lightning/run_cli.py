@@ -37,6 +37,20 @@ def _loggers(trainer: Namespace) -> list[Namespace]:
     return [v for v in items if isinstance(v, Namespace) and v.get("init_args") is not None]
 
 
+def _checkpoint_dirs(trainer: Namespace) -> list[Path]:
+    """The ``dirpath`` of every ModelCheckpoint the config sets one for."""
+    value = trainer.get("callbacks") or []
+    items = value if isinstance(value, list) else [value]
+    return [
+        Path(cb.init_args.dirpath)
+        for cb in items
+        if isinstance(cb, Namespace)
+        and str(cb.get("class_path", "")).endswith("ModelCheckpoint")
+        and cb.get("init_args") is not None
+        and cb.init_args.get("dirpath")
+    ]
+
+
 def _is_wandb(logger: Namespace) -> bool:
     return str(logger.get("class_path", "")).split(".")[-1] == "WandbLogger"
 
@@ -118,7 +132,10 @@ class P4QCLI(LightningCLI):
         first_rank = rank_zero_only.rank == 0  # other DDP ranks re-run this: they only read
         if self.subcommand == "fit" and first_rank:
             rundir.prepare_fit(
-                directory, ckpt_path=cfg.get("ckpt_path"), overwrite=cfg.get("overwrite")
+                directory,
+                ckpt_path=cfg.get("ckpt_path"),
+                overwrite=cfg.get("overwrite"),
+                checkpoint_dirs=_checkpoint_dirs(cfg.trainer),
             )
         self.run_directory = directory
         cfg.trainer.default_root_dir = str(directory)

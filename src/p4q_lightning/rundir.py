@@ -13,7 +13,7 @@ import logging
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,13 +153,20 @@ class RunExistsError(RuntimeError):
     """``fit`` into a directory that already holds a run, without resume or overwrite."""
 
 
-def prepare_fit(directory: Path, ckpt_path: str | None, overwrite: bool) -> None:
+def prepare_fit(
+    directory: Path,
+    ckpt_path: str | None,
+    overwrite: bool,
+    checkpoint_dirs: Sequence[Path] = (),
+) -> None:
     """Refuse, resume (``ckpt_path``) or overwrite when ``fit`` finds a previous run in
-    ``directory``."""
+    ``directory``; ``checkpoint_dirs``: where the config's checkpoint callbacks write, besides
+    the run's own ``checkpoints/``."""
     found = previous_run(directory)
     if not found:
         return
-    if ckpt_path == "last" and not list((directory / "checkpoints").glob("last*.ckpt")):
+    dirs = [directory / "checkpoints", *checkpoint_dirs]
+    if ckpt_path == "last" and not any(list(Path(d).glob("last*.ckpt")) for d in dirs):
         raise RunExistsError(
             f"{directory} holds a run but no checkpoints/last.ckpt to resume (was checkpointing "
             "off?): replace the run with `--overwrite true` or pick another `--run_dir`"

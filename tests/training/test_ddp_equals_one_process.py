@@ -33,7 +33,7 @@ def config(world, tmp: Path, devices: int, batch_size: int, callbacks: list | No
             "enable_checkpointing": False,
             "num_sanity_val_steps": 0,
             "limit_val_batches": 0,
-            "default_root_dir": str(tmp),
+            "default_root_dir": str(tmp / f"devices{devices}"),  # two runs, two run directories
             "logger": False,
             "callbacks": callbacks or [],
         },
