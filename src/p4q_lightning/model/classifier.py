@@ -132,6 +132,7 @@ class P4QClassifierMixin:
             self.prompt_learner.eot_index,
             hp.text_chunk_size,
             hp.text_checkpointing,
+            shared_prefix=self.prompt_learner.shared_prefix_length,
         )
         return F.normalize(features.float(), dim=-1)
 
@@ -143,7 +144,11 @@ class P4QClassifierMixin:
             fixed = self.prompt_learner.embed_fixed(TextTower(self.teacher).token_embedding)
             prompts = self.prompt_learner(fixed)
             features = encode_prompts(
-                self.teacher, prompts, self.prompt_learner.eot_index, self.hparams.text_chunk_size
+                self.teacher,
+                prompts,
+                self.prompt_learner.eot_index,
+                self.hparams.text_chunk_size,
+                shared_prefix=self.prompt_learner.shared_prefix_length,
             )
             return F.normalize(features.float(), dim=-1)
         if self._teacher_text is None:

@@ -163,6 +163,17 @@ class PromptLearner(nn.Module):
         self.register_buffer("ctx_mask", mask.to(device), persistent=False)
         # Embeddings of the fixed tokens (prefix, name, suffix); filled by set_token_embedding.
         self.register_buffer("fixed_embeds", None, persistent=False)
+        self.shared_prefix_length = self._shared_prefix(token_ids, slot, mask, eot)
+
+    def _shared_prefix(
+        self, token_ids: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor, eot: torch.Tensor
+    ) -> int:
+        """How many leading positions are the same in every class prompt (and end before
+        every EOT): the same fixed token, or the same unified context vector."""
+        same_token = (token_ids == token_ids[:1]).all(dim=0) & ~mask.any(dim=0)
+        same_ctx = (mask == mask[:1]).all(dim=0) & (slot == slot[:1]).all(dim=0) & mask[0]
+        same = same_token | (same_ctx & (not self.class_specific))
+        return min(int(same.int().cumprod(dim=0).sum()), int(eot.min()))
 
     def _prompt_text(self, name: str) -> str:
         # Placeholders mark the context slots; their embeddings are overwritten by the context.
@@ -237,5 +248,6 @@ class PromptLearner(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"n_cls={self.n_cls}, n_ctx={self.n_ctx}, class_specific={self.class_specific}, "
-            f"position={self.class_token_position}, seq_len={self.seq_len}"
+            f"position={self.class_token_position}, seq_len={self.seq_len}, "
+            f"shared_prefix={self.shared_prefix_length}"
         )

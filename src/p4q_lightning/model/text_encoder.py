@@ -3,17 +3,25 @@
 Both paths truncate sequences to the longest prompt (exact: under the causal mask no position
 after EOT reaches the EOT output), pool at EOT, and process classes in chunks. With
 ``checkpointing`` each chunk keeps only its input for the backward pass, so a 1,000-class step
-fits in memory; only input gradients flow (the tower's weights are frozen).
+fits in memory; only input gradients flow (the tower's weights are frozen). Prompts that share
+their first positions (a unified CoOp context before the class name) run that prefix once
+(:mod:`~p4q_lightning.model.shared_prefix`); chunks and checkpointing apply to the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from p4q_lightning.model import shared_prefix as sp
+
+#: Shorter shared prefixes run on the full path: splitting off one token saves too little.
+MIN_SHARED_PREFIX = 2
 
 
 class TextTower:
@@ -58,18 +66,53 @@ class TextTower:
             return token_ids.argmax(dim=-1)
         return (token_ids == self.eos_id).int().argmax(dim=-1)
 
-    def encode_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """Text features (unnormalised) of token embeddings ``x`` [n, L, width], L <= context."""
+    def _with_positions(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         root = self.root
-        length = x.shape[1]
         cast = (
             root.transformer.get_cast_dtype()
             if hasattr(root.transformer, "get_cast_dtype")
             else x.dtype
         )
-        x = x.to(cast) + root.positional_embedding[:length].to(cast)
+        return x.to(cast) + root.positional_embedding[start : start + x.shape[1]].to(cast)
+
+    def encode_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Text features (unnormalised) of token embeddings ``x`` [n, L, width], L <= context."""
+        root = self.root
+        length = x.shape[1]
+        x = self._with_positions(x)
         mask = root.attn_mask[:length, :length] if self.causal else None
         x = root.transformer(x, attn_mask=mask)
+        return self.pool(x, eot_index)
+
+    def shared_prefix_supported(self) -> bool:
+        """Whether :meth:`encode_rest` may run a shared prefix once (see ``shared_prefix``)."""
+        return self.causal and sp.supports_shared_prefix(self.root.transformer)
+
+    def encode_prefix(self, prefix: torch.Tensor) -> list[sp.PrefixKV]:
+        """Per-layer keys/values of the shared prompt prefix ``[1, P, width]``."""
+        blocks = self.root.transformer.resblocks
+        return sp.encode_prefix(blocks, self._with_positions(prefix), self.root.attn_mask)
+
+    def encode_rest(
+        self,
+        scales: Sequence[tuple[float, float]],
+        x: torch.Tensor,
+        eot_index: torch.Tensor,
+        *kv_tensors: torch.Tensor,
+    ) -> torch.Tensor:
+        """Text features of the per-class positions ``x`` [n, R, width] after a shared prefix
+        whose per-layer keys and values are ``kv_tensors`` (k0, v0, k1, v1, ...) with
+        ``scales`` ((k scale, v scale) per layer); ``eot_index`` counts from the first
+        per-class position. Tensors are positional so that checkpointing sees them."""
+        n_prefix = kv_tensors[0].shape[-2]
+        kvs = [(kv_tensors[2 * i], kv_tensors[2 * i + 1], *scales[i]) for i in range(len(scales))]
+        x = self._with_positions(x, start=n_prefix)
+        x = sp.encode_rest(self.root.transformer.resblocks, x, self.root.attn_mask, kvs)
+        return self.pool(x, eot_index)
+
+    def pool(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm, the EOT position of each sequence, and the text projection."""
+        root = self.root
         x = root.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         proj = root.text_projection
@@ -84,11 +127,14 @@ def encode_prompts(
     eot_index: torch.Tensor,
     chunk_size: int | None = None,
     checkpointing: bool = False,
+    shared_prefix: int = 0,
 ) -> torch.Tensor:
     """Encode prompt embeddings [n, L, width] (e.g. from a PromptLearner) to text features [n, D].
 
     ``chunk_size`` classes run at a time (None: all at once); ``checkpointing`` recomputes each
-    chunk in the backward pass instead of storing its activations.
+    chunk in the backward pass instead of storing its activations. ``shared_prefix`` (e.g.
+    ``PromptLearner.shared_prefix_length``) is how many leading positions every prompt shares:
+    they run once when the tower allows it (same result), else the full path runs.
     """
     tower = TextTower(model)
     if not tower.causal and prompts.shape[1] != tower.context_length:
@@ -96,14 +142,37 @@ def encode_prompts(
     n = prompts.shape[0]
     step = n if not chunk_size or chunk_size <= 0 else chunk_size
     use_ckpt = checkpointing and torch.is_grad_enabled() and prompts.requires_grad
+    encode, extra = tower.encode_embeddings, ()
+    if shared_prefix >= MIN_SHARED_PREFIX and tower.shared_prefix_supported():
+        _check_shared_prefix(prompts, eot_index, shared_prefix)
+        kvs = tower.encode_prefix(prompts[:1, :shared_prefix])
+        encode = partial(tower.encode_rest, [(s_k, s_v) for _, _, s_k, s_v in kvs])
+        extra = tuple(t for k, v, _, _ in kvs for t in (k, v))
+        prompts, eot_index = prompts[:, shared_prefix:], eot_index - shared_prefix
     outputs = []
     for start in range(0, n, step):
         chunk, eot = prompts[start : start + step], eot_index[start : start + step]
         if use_ckpt:
-            outputs.append(checkpoint(tower.encode_embeddings, chunk, eot, use_reentrant=False))
+            outputs.append(checkpoint(encode, chunk, eot, *extra, use_reentrant=False))
         else:
-            outputs.append(tower.encode_embeddings(chunk, eot))
+            outputs.append(encode(chunk, eot, *extra))
     return torch.cat(outputs, dim=0)
+
+
+def _check_shared_prefix(prompts: torch.Tensor, eot_index: torch.Tensor, n_prefix: int) -> None:
+    """Refuse a ``shared_prefix`` the prompts do not share (it would silently change them)."""
+    if n_prefix > int(eot_index.min()):
+        raise ValueError(
+            f"shared_prefix={n_prefix} reaches an end-of-text token (earliest at "
+            f"{int(eot_index.min())}): the shared prefix must end before every class's own tokens"
+        )
+    with torch.no_grad():
+        head = prompts[:, :n_prefix]
+        if not bool((head == head[:1]).all()):
+            raise ValueError(
+                f"shared_prefix={n_prefix}, but the prompts differ within their first "
+                f"{n_prefix} positions; pass the PromptLearner's shared_prefix_length"
+            )
 
 
 @torch.no_grad()

@@ -245,14 +245,12 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
             raise NotImplementedError("QuantMultiheadAttention supports self-attention only")
         x = query if self.batch_first else query.transpose(0, 1)
         b, length, _ = x.shape
-        codes, scale = self.input_quantizer.centered_codes(x)
-        qkv = scaled_linear(codes, self.quantized_weight(), self.in_proj_bias, scale)
         mask = self._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
         dropout = self.dropout if self.training else 0.0
         if self.internals_quantized:
             # q, k, v and the probabilities stay as codes; their scales (and 1/sqrt(d)) fold
             # into the score scale and into the out_proj input.
-            (q, k, v), (s_q, s_k, s_v) = self._qkv_codes(qkv, b, length)
+            (q, k, v), (s_q, s_k, s_v) = self.heads(x)
             scores = torch.matmul(q, k.transpose(-2, -1)).mul_(s_q * s_k * self.head_dim**-0.5)
             if mask is not None:
                 scores = scores.add_(mask)
@@ -261,16 +259,41 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
                 probs = F.dropout(probs, dropout)
             out, out_scale = torch.matmul(probs, v), s_p * s_v
         else:
-            q, k, v = self._split_heads(qkv, b, length)
+            (q, k, v), _ = self.heads(x)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
             out_scale = 1.0
-        out = out.transpose(1, 2).reshape(b, length, self.embed_dim)
+        out = self.project_out(out.transpose(1, 2).reshape(b, length, self.embed_dim), out_scale)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def heads(
+        self, x: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[float, float, float]]:
+        """q, k, v of batch-first ``x`` as ``[B, heads, L, head_dim]`` with their scales.
+
+        With quantized internals they are centered codes (value = code * scale); otherwise
+        float values with scale 1. Every step acts per position, so a sequence's q/k/v do not
+        depend on the other sequences or positions it is batched with.
+        """
+        b, length, _ = x.shape
+        codes, scale = self.input_quantizer.centered_codes(x)
+        qkv = scaled_linear(codes, self.quantized_weight(), self.in_proj_bias, scale)
+        if self.internals_quantized:
+            return self._qkv_codes(qkv, b, length)  # type: ignore[return-value]
+        return self._split_heads(qkv, b, length), (1.0, 1.0, 1.0)
+
+    def probs_codes(self, probs: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Quantized attention probabilities as ``(codes, scale)`` ((probs, 1) when float)."""
+        if not self.internals_quantized:
+            return probs, 1.0
+        return self.probs_quantizer.centered_codes(probs)
+
+    def project_out(self, out: torch.Tensor, out_scale: float) -> torch.Tensor:
+        """The output projection of ``out * out_scale`` (heads merged, batch first)."""
         forward_scaled = getattr(self.out_proj, "forward_scaled", None)
         if forward_scaled is not None:
-            out = forward_scaled(out, out_scale)
-        else:  # out_proj swapped for another layer (e.g. an int8 export)
-            out = self.out_proj(out * out_scale if out_scale != 1.0 else out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+            return forward_scaled(out, out_scale)
+        # out_proj swapped for another layer (e.g. an int8 export)
+        return self.out_proj(out * out_scale if out_scale != 1.0 else out)
 
     def _split_heads(
         self, qkv: torch.Tensor, b: int, length: int
