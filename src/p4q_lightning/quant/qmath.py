@@ -184,6 +184,7 @@ def log2_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
     n_levels = 2**bits - 1
     # log2(0) = -inf gives code +inf, which maps to 0: masked probabilities stay exactly 0
     # (clamping x to a small epsilon first would turn them into a nonzero level at 8 bits).
-    code = (-torch.log2(x.detach())).round()
-    xq = torch.where(code < n_levels, torch.exp2(-code), torch.zeros_like(x))
+    # in float32 for half inputs (bf16-mixed), so the levels are the float32 path's
+    code = (-torch.log2(x.detach().float())).round()
+    xq = torch.where(code < n_levels, torch.exp2(-code), torch.zeros_like(code))
     return x + (xq.to(x.dtype) - x).detach()
