@@ -8,6 +8,9 @@ run() { echo; echo "## $*"; echo; "$PY" "$@"; }
 run benchmarks/bench_fakequant.py                       # fake-quant eval speed vs float
 run benchmarks/bench_train_step.py --classes 100        # P4Q step: cached features vs live
 run benchmarks/bench_text_memory.py                     # 1,000-class text step memory
+# P4Q prompt step vs a plain CoOp step (time, kept memory, FLOP floor); BENCH_1000=1 adds the
+# 1,000-class step (the plain step alone needs ~22 GB and minutes per step on a CPU)
+run benchmarks/bench_prompt_step.py --classes 100 ${BENCH_1000:+1000}
 run benchmarks/export_size.py                           # low-bit file sizes vs float32
 run benchmarks/bench_int8.py --preset w8a8              # real int8 GEMMs vs float32
 run benchmarks/bench_int8.py --preset p4q-448

@@ -174,3 +174,31 @@ def test_teacher_prompt_features_use_the_shared_prefix(world, spy):
     want = encode_prompts(module.teacher, pl(fixed), pl.eot_index)
     want = torch.nn.functional.normalize(want, dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "equation,shape_a,shape_b",
+    [
+        ("bhrd,bhkd->bhrk", (3, 2, 4, 5), (3, 2, 6, 5)),
+        ("bhrd,hpd->bhrp", (3, 2, 4, 5), (2, 7, 5)),
+        ("bhrp,hpd->bhrd", (3, 2, 4, 7), (2, 7, 5)),
+    ],
+)
+def test_code_products_save_int8_and_keep_gradients_exact(equation, shape_a, shape_b):
+    """Attention operands that are codes are kept as int8 for the backward pass; with integer
+    values every sum is exact, so the gradients equal plain einsum's bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-15, 16, shape_a, generator=gen).float().requires_grad_()
+    b = torch.randint(-15, 16, shape_b, generator=gen).float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.dtype) or t, lambda t: t
+    ):
+        out = sp._product(equation, a, b, (torch.int8, torch.int8))
+    assert saved == [torch.int8, torch.int8]
+    grad = torch.randint(-3, 4, out.shape, generator=gen).float()
+    got = torch.autograd.grad(out, (a, b), grad)
+    want_out = torch.einsum(equation, a, b)
+    want = torch.autograd.grad(want_out, (a, b), grad)
+    assert torch.equal(out, want_out)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -17,6 +17,7 @@ use the full path.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,65 @@ def _project_out(attn: nn.Module, out: torch.Tensor, scale: float) -> torch.Tens
     return F.linear(out * scale if scale != 1.0 else out, attn.out_proj.weight, attn.out_proj.bias)
 
 
+class _CodesProduct(torch.autograd.Function):
+    """``einsum(equation, a, b)`` that keeps ``a`` and ``b`` for the backward pass as small
+    integers: they are quantization codes (integers stored as floats), so this is exact and
+    the attention's saved operands take a quarter (int8) or half (int16) of the memory."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, equation: str, a: torch.Tensor, b: torch.Tensor, dtypes: tuple[Any, Any]
+    ) -> torch.Tensor:
+        ctx.equation = equation
+        ctx.save_for_backward(
+            *(t if d is None else t.to(d) for t, d in zip((a, b), dtypes, strict=True))
+        )
+        return torch.einsum(equation, a, b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        # in the gradient's dtype (autocast's bmm dtype under bf16-mixed); codes are exact in it
+        a, b = (t.to(grad.dtype) for t in ctx.saved_tensors)
+        inputs, out = ctx.equation.split("->")
+        sub_a, sub_b = inputs.split(",")
+        grad_a = (
+            torch.einsum(f"{out},{sub_b}->{sub_a}", grad, b) if ctx.needs_input_grad[1] else None
+        )
+        grad_b = (
+            torch.einsum(f"{sub_a},{out}->{sub_b}", a, grad) if ctx.needs_input_grad[2] else None
+        )
+        return None, grad_a, grad_b, None
+
+
+def _product(
+    equation: str, a: torch.Tensor, b: torch.Tensor, dtypes: tuple[Any, Any]
+) -> torch.Tensor:
+    """``einsum(equation, a, b)``; code operands (``dtypes`` not None) are saved compactly."""
+    grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if not grad or dtypes == (None, None):
+        return torch.einsum(equation, a, b)
+    return _CodesProduct.apply(equation, a, b, dtypes)
+
+
+def _code_dtype(quantizer: nn.Module | None) -> torch.dtype | None:
+    """Integer dtype holding this quantizer's centered codes, or None when its output is not
+    integer codes (off, per channel, log2 levels, float attention)."""
+    if not isinstance(quantizer, ActivationQuantizer) or not quantizer.enabled:
+        return None
+    if quantizer.mode != "quant" or quantizer.per_channel or quantizer.bits is None:
+        return None
+    # centered codes lie in [-(2^bits - 1), 2^bits - 1]
+    return torch.int8 if quantizer.bits <= 7 else torch.int16 if quantizer.bits <= 15 else None
+
+
+def _internal_dtypes(attn: nn.Module) -> tuple[torch.dtype | None, ...]:
+    """Code dtypes of q, k, v and the probabilities (None: float values)."""
+    if not isinstance(attn, QuantMultiheadAttention) or not attn.internals_quantized:
+        return (None, None, None, None)
+    names = ("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer")
+    return tuple(_code_dtype(getattr(attn, n)) for n in names)
+
+
 def _attention(
     attn: nn.Module, x: torch.Tensor, mask: torch.Tensor, prefix: PrefixKV | None
 ) -> tuple[torch.Tensor, PrefixKV]:
@@ -85,26 +145,23 @@ def _attention(
     """
     b, length, width = x.shape
     (q, k, v), (s_q, s_k, s_v) = _heads(attn, x)
+    d_q, d_k, d_v, d_p = _internal_dtypes(attn)
     head_dim = q.shape[-1]
+    scores = _product("bhrd,bhkd->bhrk", q, k, (d_q, d_k))
     if prefix is not None:
         k_p, v_p, s_kp, s_vp = prefix
         if (s_kp, s_vp) != (s_k, s_v):
             raise RuntimeError("prefix and class positions were quantized on different grids")
         # the prefix is a batch of one: contract against it per head without copying it n times
-        scores = torch.cat(
-            [torch.einsum("bhrd,hpd->bhrp", q, k_p[0]), torch.matmul(q, k.transpose(-2, -1))],
-            dim=-1,
-        )
-    else:
-        scores = torch.matmul(q, k.transpose(-2, -1))
-    scores = scores.mul_(s_q * s_k * head_dim**-0.5).add_(mask)
+        scores = torch.cat([_product("bhrd,hpd->bhrp", q, k_p[0], (d_q, d_k)), scores], dim=-1)
+    scores = torch.add(mask, scores, alpha=s_q * s_k * head_dim**-0.5)  # mask + scale * scores
     probs, s_p = _probs(attn, scores.softmax(dim=-1))
     if prefix is not None:
         n_prefix = prefix[0].shape[-2]
-        out = torch.einsum("bhrp,hpd->bhrd", probs[..., :n_prefix], prefix[1][0])
-        out = out + torch.matmul(probs[..., n_prefix:], v)
+        out = _product("bhrp,hpd->bhrd", probs[..., :n_prefix], prefix[1][0], (d_p, d_v))
+        out = out + _product("bhrk,bhkd->bhrd", probs[..., n_prefix:], v, (d_p, d_v))
     else:
-        out = torch.matmul(probs, v)
+        out = _product("bhrk,bhkd->bhrd", probs, v, (d_p, d_v))
     out = _project_out(attn, out.transpose(1, 2).reshape(b, length, width), s_p * s_v)
     return out, (k, v, s_k, s_v)
 
