@@ -16,7 +16,9 @@ Memory is counted device-independently: the bytes autograd keeps for the backwar
 text pass (unique saved storages, frozen weights excluded; the image tower runs without grad in
 both), measured on ``--memory-classes`` classes and scaled linearly to 1,000.
 The floor is the text pass's matmul FLOPs (counted by ``torch.utils.flop_counter`` on the
-shared-prefix path, forward and backward) over the measured float32 matmul rate.
+shared-prefix path, forward and backward) over the measured float32 matmul rate. Last, the
+text pass alone, forward and backward, through the frozen float tower and the w4a4 student
+(same prompts; full and shared-prefix paths) gives the cost of fake quantization.
 Prints markdown tables. CPU timings vary with machine load: compare ratios within one run.
 """
 
@@ -36,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from p4q_lightning.model.text_encoder import TextTower, encode_prompts
 from p4q_lightning.module import P4QModule
 
 MINMAX = {
@@ -141,6 +144,27 @@ def matmul_rate(reps: int = 20) -> float:
         a @ b
         times.append(time.perf_counter() - start)
     return 2 * 2048 * 512 * 2048 / statistics.median(times)
+
+
+def quantized_vs_float(module: P4QModule, reps: int) -> dict[str, tuple[list[float], ...]]:
+    """Text pass forward + backward through the frozen float teacher and the w4a4 student,
+    the same prompts, on the full (77 -> longest prompt) and the shared-prefix path,
+    interleaved."""
+    pl = module.prompt_learner
+    towers = {"float": module.teacher, "w4a4": module.student}
+    fixed = {k: pl.embed_fixed(TextTower(m).token_embedding) for k, m in towers.items()}
+    times: dict[str, tuple[list[float], ...]] = {}
+    for path, shared in (("truncated, full path", 0), ("shared prefix", pl.shared_prefix_length)):
+        times[path] = ([], [])
+        for rep in range(reps + 1):
+            for i, (kind, model) in enumerate(towers.items()):
+                start = time.perf_counter()
+                encode_prompts(
+                    model, pl(fixed[kind]), pl.eot_index, shared_prefix=shared
+                ).sum().backward()
+                if rep:  # the first round warms up
+                    times[path][i].append(time.perf_counter() - start)
+    return times
 
 
 def build_p4q(args, names: list[str], size: int) -> P4QModule:  # type: ignore[no-untyped-def]
@@ -273,8 +297,16 @@ def main() -> None:
     print(f"| floor (s) | {floor:.3f} |")
     print(f"| text pass fwd + bwd (s) | {summary(text_times)} |")
     reached = floor / statistics.median(text_times)
+    quant_cost = quantized_vs_float(module, args.reps)
     print(f"| fraction of the floor reached, text pass | {reached:.2f} |")
     print(f"| fraction of the floor reached, P4Q step in fit | {floor / p4q_median[n]:.2f} |")
+    print(f"\n| text pass fwd + bwd, {n} classes (s) | float | w4a4 | w4a4 / float |")
+    print("|---|---:|---:|---:|")
+    for path, (t_float, t_quant) in quant_cost.items():
+        print(
+            f"| {path} | {summary(t_float)} | {summary(t_quant)} "
+            f"| {statistics.median(t_quant) / statistics.median(t_float):.2f}x |"
+        )
 
 
 if __name__ == "__main__":
