@@ -154,7 +154,8 @@ def _attention(
             raise RuntimeError("prefix and class positions were quantized on different grids")
         # the prefix is a batch of one: contract against it per head without copying it n times
         scores = torch.cat([_product("bhrd,hpd->bhrp", q, k_p[0], (d_q, d_k)), scores], dim=-1)
-    scores = torch.add(mask, scores, alpha=s_q * s_k * head_dim**-0.5)  # mask + scale * scores
+    scale = s_q * s_k * head_dim**-0.5
+    scores = torch.add(mask.to(scores.dtype), scores, alpha=scale)  # mask + scale * scores
     probs, s_p = _probs(attn, scores.softmax(dim=-1))
     if prefix is not None:
         n_prefix = prefix[0].shape[-2]
