@@ -45,5 +45,11 @@ class SaveTrainedState(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             torch.save(
-                {"state": trained_state(pl_module), "global_step": trainer.global_step}, self.out
+                {
+                    "state": trained_state(pl_module),
+                    "global_step": trainer.global_step,
+                    "text_shard": list(getattr(pl_module, "text_shard", (0, 0))),
+                    "world_size": trainer.world_size,
+                },
+                self.out,
             )

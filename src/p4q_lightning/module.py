@@ -328,12 +328,12 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         student_feats, teacher_feats, labels = self._batch_features(batch)
         hp = self.hparams
         logits = cosine_logits(
-            self._adapt(student_feats), self.student_text_features(), self.logit_scale
+            self._adapt(student_feats), self.student_text_features(sharded=True), self.logit_scale
         )
         teacher_logits = None
         if self.distills:
             teacher_logits = cosine_logits(
-                teacher_feats, self.teacher_text_features(), self.logit_scale
+                teacher_feats, self.teacher_text_features(sharded=True), self.logit_scale
             )
         parts = p4q_loss(
             logits,
@@ -372,7 +372,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _start_eval(self) -> None:
         with torch.no_grad():
-            self._eval_text = self.student_text_features().detach()
+            self._eval_text = self.student_text_features(sharded=True).detach()
 
     def on_validation_start(self) -> None:
         self._check_evaluation("val")

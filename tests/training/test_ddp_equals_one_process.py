@@ -1,6 +1,7 @@
 """Two DDP processes (gloo, CPU) with B images each train exactly what one process with 2 x B
 images trains: the same prompt initialisation, the same sample order and the same adapter range
-updates. Tolerance: float rounding of the gradient all-reduce and of batched matmuls of
+updates, although each DDP rank encodes only half of the class prompts (gathered with
+gradient). Tolerance: float rounding of the gradient all-reduce and of batched matmuls of
 different batch sizes only (rtol 1e-5, atol 1e-6; measured max |Δ| 1.5e-8 after 4 steps)."""
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
     single = cli.cli_main(["fit", "--config", str(config(world, tmp_path, 1, 16))])
     state = trained_state(single.model)
     assert ddp_result["global_step"] == single.trainer.global_step == 4  # 32 images / 16 x 2
+    # each rank encoded half of the classes' prompts (class-sharded text), one process all
+    n_cls = len(single.model.classnames)
+    assert ddp_result["world_size"] == 2
+    assert ddp_result["text_shard"] == [0, (n_cls + 1) // 2]
+    assert tuple(single.model.text_shard) == (0, n_cls)
     assert state.keys() == ddp_result["state"].keys()
     worst = {
         k: float((ddp_result["state"][k].double() - v.double()).abs().max())

@@ -17,6 +17,7 @@ from torch import nn
 
 from p4q_lightning.losses import cosine_logits
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
+from p4q_lightning.model.text_sharding import gather_sharded
 from p4q_lightning.quant import calibrate as calibrate_student
 from p4q_lightning.quant import is_calibrated
 
@@ -37,6 +38,7 @@ class P4QClassifierMixin:
     _teacher_text: torch.Tensor | None
     _student_template_text: torch.Tensor | None
     _eval_text: torch.Tensor | None
+    text_shard: tuple[int, int] = (0, 0)  # the classes this rank encoded last (DDP sharding)
 
     # ------------------------------------------------------------------ calibration
     @property
@@ -115,42 +117,58 @@ class P4QClassifierMixin:
     def _adapt(self, features: torch.Tensor) -> torch.Tensor:
         return self.adapter(features) if self.adapter is not None else features
 
-    def student_text_features(self) -> torch.Tensor:
+    def student_text_features(self, sharded: bool = False) -> torch.Tensor:
         """The student's normalised class embeddings [n_cls, D]: the learned prompt through the
-        (quantized) text tower for p4q/coop, the template classifier for ptq/zeroshot."""
+        (quantized) text tower for p4q/coop, the template classifier for ptq/zeroshot.
+
+        ``sharded``: under DDP, each rank encodes 1/W of the classes and they are gathered
+        (a collective: only where every rank calls it, as in the training and eval steps)."""
         if self.method == "ptq":
             if self._student_template_text is None:
                 self._student_template_text = self._templates(self.student)
             return self._student_template_text
         if self.method == "zeroshot":
-            return self.teacher_text_features()
+            return self.teacher_text_features(sharded)
         assert self.prompt_learner is not None, "set_classes() first"
         hp = self.hparams
-        features = encode_prompts(
-            self.student,
-            self.prompt_learner(),
-            self.prompt_learner.eot_index,
-            hp.text_chunk_size,
-            hp.text_checkpointing,
-            shared_prefix=self.prompt_learner.shared_prefix_length,
-        )
-        return F.normalize(features.float(), dim=-1)
+        prompts, eot = self.prompt_learner(), self.prompt_learner.eot_index
+
+        def encode(lo: int, hi: int) -> torch.Tensor:
+            return encode_prompts(
+                self.student,
+                prompts[lo:hi],
+                eot[lo:hi],
+                hp.text_chunk_size,
+                hp.text_checkpointing,
+                shared_prefix=self.prompt_learner.shared_prefix_length,
+            ).float()
+
+        if not sharded:
+            return F.normalize(encode(0, prompts.shape[0]), dim=-1)
+        features, self.text_shard = gather_sharded(prompts.shape[0], encode)
+        return F.normalize(features, dim=-1)
 
     @torch.no_grad()
-    def teacher_text_features(self) -> torch.Tensor:
+    def teacher_text_features(self, sharded: bool = False) -> torch.Tensor:
         """The float teacher's normalised class embeddings [n_cls, D] (templates, cached once;
-        or, with ``teacher_text: prompt``, the learned prompt through the float tower)."""
+        or, with ``teacher_text: prompt``, the learned prompt through the float tower;
+        ``sharded`` as in :meth:`student_text_features`)."""
         if self.hparams.teacher_text == "prompt" and self.prompt_learner is not None:
             fixed = self.prompt_learner.embed_fixed(TextTower(self.teacher).token_embedding)
-            prompts = self.prompt_learner(fixed)
-            features = encode_prompts(
-                self.teacher,
-                prompts,
-                self.prompt_learner.eot_index,
-                self.hparams.text_chunk_size,
-                shared_prefix=self.prompt_learner.shared_prefix_length,
-            )
-            return F.normalize(features.float(), dim=-1)
+            prompts, eot = self.prompt_learner(fixed), self.prompt_learner.eot_index
+
+            def encode(lo: int, hi: int) -> torch.Tensor:
+                return encode_prompts(
+                    self.teacher,
+                    prompts[lo:hi],
+                    eot[lo:hi],
+                    self.hparams.text_chunk_size,
+                    shared_prefix=self.prompt_learner.shared_prefix_length,
+                ).float()
+
+            n_cls = prompts.shape[0]
+            features = gather_sharded(n_cls, encode)[0] if sharded else encode(0, n_cls)
+            return F.normalize(features, dim=-1)
         if self._teacher_text is None:
             self._teacher_text = self._templates(self.teacher)
         return self._teacher_text
