@@ -11,6 +11,10 @@ run benchmarks/bench_text_memory.py                     # 1,000-class text step 
 # P4Q prompt step vs a plain CoOp step (time, kept memory, FLOP floor); BENCH_1000=1 adds the
 # 1,000-class step (the plain step alone needs ~22 GB and minutes per step on a CPU)
 run benchmarks/bench_prompt_step.py --classes 100 ${BENCH_1000:+1000}
+run benchmarks/bench_text_ddp.py --classes 100        # class-sharded text: devices=2 vs 1
 run benchmarks/export_size.py                           # low-bit file sizes vs float32
 run benchmarks/bench_int8.py --preset w8a8              # real int8 GEMMs vs float32
 run benchmarks/bench_int8.py --preset p4q-448
+# the kernel a CPU without VNNI gets (fbgemm would saturate there): torch._int_mm
+echo; echo "## FBGEMM_ENABLE_INSTRUCTIONS=AVX2 benchmarks/bench_int8.py --preset w8a8"; echo
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 "$PY" benchmarks/bench_int8.py --preset w8a8
