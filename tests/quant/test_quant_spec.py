@@ -52,7 +52,7 @@ def test_uniform_presets(preset: str, w: int, a: int) -> None:
 
 def test_fp_preset_is_float_everywhere() -> None:
     assert get_spec("fp").is_float
-    assert set(PRESETS) == {"fp", "w8a8", "w6a6", "w4a8", "w4a4", "p4q-448"}
+    assert set(PRESETS) == {"fp", "w8a8", "w6a6", "w4a8", "w4a4", "p4q-448", "p4q-official"}
 
 
 def test_overrides_apply_to_one_group_or_both_towers() -> None:

@@ -10,7 +10,8 @@ fake-quant computation carried out in integers. Two kernels, both shipped with t
 - ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32) with the zero point folded out.
 
 The attention q/k/v products, softmax, LayerNorms and the patch-embedding conv stay in float
-(their quantizers still apply), as does every layer whose activation is float or per channel.
+(their quantizers still apply), as does every layer whose activation is float or per channel
+(an integer GEMM takes one input scale; :func:`convert_to_int8` warns about such layers).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Int8Linear(nn.Module):
         _check_backend(self.backend)
         w = weight.detach().float().cpu()
         scale = weight_scale.detach().float().cpu()
-        codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        codes = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8)  # any grid
         self.out_features, self.in_features = codes.shape
         self.x_scale = float(act.scale.reshape(-1)[0])
         self.x_zp = int(act.zero_point.reshape(-1)[0])
@@ -309,4 +310,25 @@ def convert_to_int8(model: nn.Module, backend: str | None = None) -> nn.Module:
             "convert_to_int8 converts the children of a model; wrap a bare QuantLinear first"
         )
     log.info("int8 inference: converted %d layers (backend %s)", converted, backend)
+    per_channel = _per_channel_input_layers(model)
+    if per_channel:
+        log.warning(
+            "int8 inference: %d quantized layer(s) (e.g. %s) have per-channel input ranges, "
+            "which an integer GEMM cannot take (it needs one input scale); they keep their "
+            "fake-quant float computation. Quantize with a_per_channel: false (e.g. preset "
+            "p4q-448 instead of p4q-official) for int8 kernels on those layers",
+            len(per_channel),
+            per_channel[0],
+        )
     return model
+
+
+def _per_channel_input_layers(model: nn.Module) -> list[str]:
+    """Names of the quantized linears / attentions left unconverted for per-channel inputs."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantMultiheadAttention)):
+            act = module.input_quantizer
+            if act.enabled and act.per_channel and module.weight_quantizer.enabled:
+                names.append(name)
+    return names

@@ -1,8 +1,9 @@
 """Integer packing of quantized weight codes: int8 as is, 4-bit codes two per byte.
 
 Codes come from symmetric quantizers (:meth:`WeightQuantizer.codes`), so a ``b``-bit code lies
-in ``[-(2^(b-1)-1), 2^(b-1)-1]``. Codes of 2..4 bits fit a nibble after a +8 offset; 5..8 bit
-codes are stored as int8. Packing is exact: ``unpack(pack(c)) == c``.
+in ``[-2^(b-1), 2^(b-1)-1]`` (the restricted grid leaves out ``-2^(b-1)``, the official grid
+uses it). Codes of 2..4 bits fit a nibble after a +8 offset; 5..8 bit codes are stored as int8.
+Packing is exact: ``unpack(pack(c)) == c``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.dtype != torch.int8:
         raise TypeError(f"codes must be int8, got {codes.dtype}")
     qmax = 2 ** (bits - 1) - 1
-    if codes.numel() and (int(codes.min()) < -qmax or int(codes.max()) > qmax):
+    if codes.numel() and (int(codes.min()) < -qmax - 1 or int(codes.max()) > qmax):
         raise ValueError(
-            f"codes outside the {bits}-bit range [{-qmax}, {qmax}] "
+            f"codes outside the {bits}-bit range [{-qmax - 1}, {qmax}] "
             f"(min {int(codes.min())}, max {int(codes.max())}): wrong bit width for this weight"
         )
     if storage_bits(bits) == 8:

@@ -23,7 +23,6 @@ from torch import nn
 from p4q_lightning.export.format import ExportMismatchError, write_container
 from p4q_lightning.export.packing import pack_codes, packed_nbytes
 from p4q_lightning.quant import QuantMultiheadAttention, quant_modules, quant_spec_of
-from p4q_lightning.quant.qmath import symmetric_qmax, symmetric_scale
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +66,9 @@ def _grid_weight(
     wq = module.weight_quantizer
     w = weight.detach().float().cpu()
     if wq.dynamic:  # trained weights (the adapter): quantize now, as the forward pass does
-        scale = symmetric_scale(w.reshape(w.shape[0], -1).abs().amax(dim=1), wq.bits)
+        scale = wq.minmax_scale(w)
         shape = (-1,) + (1,) * (w.dim() - 1)
-        q = torch.round(w / scale.view(shape)).clamp(
-            -symmetric_qmax(wq.bits), symmetric_qmax(wq.bits)
-        )
+        q = torch.round(w / scale.view(shape)).clamp(wq.qmin, wq.qmax)
         return q * scale.view(shape), scale
     if not bool(module.weights_frozen):
         raise ExportMismatchError(
@@ -99,7 +96,7 @@ def lowbit_state(
         key = weight_key(name, module)
         grid, scale = _grid_weight(name, module, state[key])
         shape = (-1,) + (1,) * (grid.dim() - 1)
-        codes = torch.round(grid / scale.view(shape)).clamp(-wq.qmax, wq.qmax).to(torch.int8)
+        codes = torch.round(grid / scale.view(shape)).clamp(wq.qmin, wq.qmax).to(torch.int8)
         err = (codes.float() * scale.view(shape) - grid).abs().max()
         if float(err) > 1e-6 * float(grid.abs().max().clamp_min(1e-12)):
             raise ExportMismatchError(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from p4q_lightning.quant import ActivationQuantizer, GroupSpec, QuantLinear
+from p4q_lightning.quant.calibrate import marking_last_batch
 
 GROUP = "adapter"
 
@@ -79,7 +80,7 @@ class LowBitAdapter(nn.Module):
         for q in quantizers:
             q.start_observing()
         try:
-            for z in features:
+            for z in marking_last_batch(features, quantizers):
                 self(z)
         finally:
             for q in quantizers:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from p4q_lightning.quant.convert import quant_modules, quantizers
-from p4q_lightning.quant.quantizer import ActivationQuantizer
+from p4q_lightning.quant.convert import quant_modules, quant_spec_of, quantizers
+from p4q_lightning.quant.quantizer import ActivationQuantizer, WeightQuantizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _batches(data: Iterable[Any] | torch.Tensor | None) -> Iterable[torch.Tensor]:
@@ -30,6 +32,55 @@ def _tower_of(name: str) -> str:
     return "vision" if name.startswith("visual.") else "text"
 
 
+def marking_last_batch(
+    batches: Iterable[T], observing: Sequence[ActivationQuantizer]
+) -> Iterator[T]:
+    """Yield ``batches``; just before the last one, tell ``observing`` it is the last.
+
+    Quantizers that score their range search on the last batch (``a_score_on: last_batch``)
+    search while that batch passes, so no batch has to be kept. One batch of lookahead.
+    """
+    it = iter(batches)
+    try:
+        pending = next(it)
+    except StopIteration:
+        return
+    for batch in it:
+        yield pending
+        pending = batch
+    for q in observing:
+        q.score_next_batch()
+    yield pending
+
+
+@contextlib.contextmanager
+def float_weights(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` with its (not yet frozen) weights in float, as the official calibration does.
+
+    Weight quantizers are switched off for the duration; frozen weights (already on their
+    grid) cannot be turned back into float, so this refuses a calibrated student.
+    """
+    frozen = [n for n, m in quant_modules(model) if bool(m.weights_frozen)]
+    if frozen:
+        raise ValueError(
+            f"float-weight calibration needs float weights, but {len(frozen)} layer(s) "
+            f"(e.g. {frozen[0]}) are already quantized; quantize the float model again "
+            "(p4q_lightning.quantize) and calibrate the fresh copy"
+        )
+    switched = [
+        (q, q.bits)
+        for _, q in quantizers(model)
+        if isinstance(q, WeightQuantizer) and not q.dynamic
+    ]
+    for q, _ in switched:
+        q.bits = None
+    try:
+        yield
+    finally:
+        for q, bits in switched:
+            q.bits = bits
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -41,13 +92,17 @@ def calibrate(
 
     Weights are quantized first (once, stored on the grid), then image batches run through
     ``encode_image`` and token batches through ``encode_text`` while every activation
-    quantizer records its observer's statistics; the chosen ranges become buffers. ``images``
-    and ``texts`` may be tensors, iterables of tensors or DataLoaders of (x, y) pairs.
+    quantizer records its observer's statistics; the chosen ranges become buffers. With the
+    spec's ``float_weight_calibration`` the activations are observed behind float weights
+    and the weights are quantized afterwards. ``images`` and ``texts`` may be tensors,
+    iterables of tensors or DataLoaders of (x, y) pairs.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
-    for _, module in quant_modules(model):
-        module.freeze_weights()
+    observe_float = quant_spec_of(model).float_weight_calibration
+    if not observe_float:
+        for _, module in quant_modules(model):
+            module.freeze_weights()
 
     act = [(n, q) for n, q in quantizers(model) if isinstance(q, ActivationQuantizer)]
     towers_needing_data = {_tower_of(n) for n, _ in act}
@@ -57,17 +112,22 @@ def calibrate(
         q.start_observing()
     seen = {"vision": 0, "text": 0}
     try:
-        for tower, data, encode in (
-            ("vision", images, model.encode_image),
-            ("text", texts, model.encode_text),
-        ):
-            if tower not in towers_needing_data:
-                continue
-            for batch in tqdm(
-                _batches(data), desc=f"calibrating {tower}", disable=not progress, leave=False
+        with float_weights(model) if observe_float else contextlib.nullcontext():
+            for tower, data, encode in (
+                ("vision", images, model.encode_image),
+                ("text", texts, model.encode_text),
             ):
-                encode(batch.to(device))
-                seen[tower] += int(batch.shape[0])
+                if tower not in towers_needing_data:
+                    continue
+                observing = [q for n, q in act if _tower_of(n) == tower]
+                for batch in tqdm(
+                    marking_last_batch(_batches(data), observing),
+                    desc=f"calibrating {tower}",
+                    disable=not progress,
+                    leave=False,
+                ):
+                    encode(batch.to(device))
+                    seen[tower] += int(batch.shape[0])
         missing = [t for t in ("vision", "text") if t in towers_needing_data and seen[t] == 0]
         if missing:
             arg = {"vision": "images", "text": "texts"}
@@ -85,6 +145,9 @@ def calibrate(
         raise
     finally:
         model.train(was_training)
+    if observe_float:
+        for _, module in quant_modules(model):
+            module.freeze_weights()
 
     stats: dict[str, dict[str, float]] = {}
     unseen = []

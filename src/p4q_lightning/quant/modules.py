@@ -25,9 +25,22 @@ from p4q_lightning.quant.quantizer import (
 from p4q_lightning.quant.spec import GroupSpec
 
 
-def _act_quantizer(spec: GroupSpec, channels: int) -> ActivationQuantizer:
+def _act_quantizer(spec: GroupSpec, channels: int, channel_axis: int = -1) -> ActivationQuantizer:
     return ActivationQuantizer(
-        spec.a_bits, spec.a_observer, spec.a_per_channel, channels, spec.percentile
+        spec.a_bits,
+        spec.a_observer,
+        spec.a_per_channel,
+        channels,
+        spec.percentile,
+        channel_axis=channel_axis,
+        grid=spec.a_grid,
+        score_on=spec.a_score_on,
+    )
+
+
+def _weight_quantizer(spec: GroupSpec, channels: int, dynamic: bool = False) -> WeightQuantizer:
+    return WeightQuantizer(
+        spec.w_bits, channels, spec.w_observer, spec.percentile, dynamic, grid=spec.w_grid
     )
 
 
@@ -73,9 +86,7 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.input_quantizer = _act_quantizer(spec, in_features)
-        self.weight_quantizer = WeightQuantizer(
-            spec.w_bits, out_features, spec.w_observer, spec.percentile, dynamic=dynamic_weights
-        )
+        self.weight_quantizer = _weight_quantizer(spec, out_features, dynamic=dynamic_weights)
         self.register_buffer("weights_frozen", torch.tensor(False))
         self.reset_parameters()
 
@@ -133,15 +144,10 @@ class QuantConv2d(QuantizedWeightMixin, CachedBufferState):
         self.bias = conv.bias
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self.input_quantizer = _act_quantizer(spec, conv.in_channels)
-        self.weight_quantizer = WeightQuantizer(
-            spec.w_bits, conv.out_channels, spec.w_observer, spec.percentile
-        )
+        # per channel, the pixel input has one range per colour channel (NCHW: dim 1)
+        self.input_quantizer = _act_quantizer(spec, conv.in_channels, channel_axis=1)
+        self.weight_quantizer = _weight_quantizer(spec, conv.out_channels)
         self.register_buffer("weights_frozen", torch.tensor(False))
-        if spec.a_per_channel:
-            raise ValueError(
-                "per-channel activation quantization is not offered for the patch embedding"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
@@ -163,9 +169,7 @@ class QuantEmbedding(QuantizedWeightMixin, CachedBufferState):
         self.group = group
         self.weight = embedding.weight
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
-        self.weight_quantizer = WeightQuantizer(
-            spec.w_bits, self.num_embeddings, spec.w_observer, spec.percentile
-        )
+        self.weight_quantizer = _weight_quantizer(spec, self.num_embeddings)
         self.register_buffer("weights_frozen", torch.tensor(False))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -201,9 +205,7 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
         self.dropout = mha.dropout
         self.in_proj_weight = mha.in_proj_weight
         self.in_proj_bias = mha.in_proj_bias
-        self.weight_quantizer = WeightQuantizer(
-            qkv.w_bits, 3 * self.embed_dim, qkv.w_observer, qkv.percentile
-        )
+        self.weight_quantizer = _weight_quantizer(qkv, 3 * self.embed_dim)
         self.input_quantizer = _act_quantizer(qkv, self.embed_dim)
         self.register_buffer("weights_frozen", torch.tensor(False))
         self.internals_quantized = internals.a_bits is not None

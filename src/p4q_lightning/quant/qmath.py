@@ -26,24 +26,51 @@ EPS = 1e-12
 Scalar = float | torch.Tensor
 
 
+#: Weight grids. ``restricted``: codes [-(2^(b-1)-1), 2^(b-1)-1], scale max|w| / (2^(b-1)-1),
+#: so +-max|w| are both codes. ``official`` (the P4Q / FQ-ViT code, ``bit_type.py`` and
+#: ``observer/minmax.py``): the full signed range [-2^(b-1), 2^(b-1)-1] with scale
+#: max|w| / (2^(b-1) - 0.5), i.e. max|w| spread over half of the 2^b - 1 steps.
+WEIGHT_GRIDS = ("restricted", "official")
+#: Activation grids. ``zero_exact``: the range is widened to contain 0, so zero is a code.
+#: ``official``: scale (hi - lo) / (2^b - 1) over the range as found, zero point
+#: round(-lo / scale) clamped to the codes (a range that excludes 0 is not widened).
+ACT_GRIDS = ("zero_exact", "official")
+
+
 def symmetric_qmax(bits: int) -> int:
     """Largest code of a signed symmetric grid; codes lie in [-qmax, qmax] (restricted range)."""
     return 2 ** (bits - 1) - 1
 
 
-def symmetric_scale(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
-    return max_abs.float().clamp_min(EPS) / symmetric_qmax(bits)
+def weight_code_range(bits: int, grid: str = "restricted") -> tuple[int, int]:
+    """(qmin, qmax) of the signed weight codes of ``grid`` (see :data:`WEIGHT_GRIDS`)."""
+    qmax = symmetric_qmax(bits)
+    if grid == "restricted":
+        return -qmax, qmax
+    if grid == "official":
+        return -(qmax + 1), qmax
+    raise ValueError(f"unknown weight grid {grid!r}: use one of {', '.join(WEIGHT_GRIDS)}")
+
+
+def symmetric_scale(max_abs: torch.Tensor, bits: int, grid: str = "restricted") -> torch.Tensor:
+    """Per-channel weight scale that maps ``max_abs`` onto the ends of ``grid``."""
+    qmin, qmax = weight_code_range(bits, grid)
+    return max_abs.float().clamp_min(EPS) / ((qmax - qmin) / 2)
 
 
 def affine_qparams(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, grid: str = "zero_exact"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (float, integral) zero point of an unsigned grid [0, 2^bits - 1] covering [lo, hi].
 
-    The range is widened to contain 0 so that zero (padding, ReLU output) is exact.
+    ``zero_exact`` widens the range to contain 0 so that zero (padding, ReLU output) is exact;
+    ``official`` keeps the range as found and clamps the zero point (see :data:`ACT_GRIDS`).
     """
-    lo = torch.clamp(lo.float(), max=0.0)
-    hi = torch.clamp(hi.float(), min=0.0)
+    if grid not in ACT_GRIDS:
+        raise ValueError(f"unknown activation grid {grid!r}: use one of {', '.join(ACT_GRIDS)}")
+    lo, hi = lo.float(), hi.float()
+    if grid == "zero_exact":
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_min(EPS)
     zero_point = (-lo / scale).round().clamp(0, qmax)

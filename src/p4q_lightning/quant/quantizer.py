@@ -22,8 +22,8 @@ from p4q_lightning.quant.qmath import (
     log2_quant,
     prepare_qparams,
     round_clamp,
-    symmetric_qmax,
     symmetric_scale,
+    weight_code_range,
 )
 
 
@@ -82,6 +82,7 @@ class WeightQuantizer(CachedBufferState):
 
     Frozen weights are quantized once by :meth:`calibrate_from`; ``dynamic=True`` re-derives
     the scale on every call, for weights that train (the adapter) so they stay on the grid.
+    ``grid`` is ``restricted`` or ``official`` (:data:`p4q_lightning.quant.qmath.WEIGHT_GRIDS`).
     """
 
     def __init__(
@@ -91,12 +92,16 @@ class WeightQuantizer(CachedBufferState):
         observer: str = "minmax",
         percentile: float = 99.99,
         dynamic: bool = False,
+        grid: str = "restricted",
     ) -> None:
         super().__init__()
         self.bits = bits
         self.observer = observer
         self.percentile = percentile
         self.dynamic = dynamic
+        self.grid = grid
+        if bits is not None:
+            weight_code_range(bits, grid)  # validates the grid name
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.int32))
         self.register_buffer("calibrated", torch.tensor(bits is None))
@@ -106,16 +111,26 @@ class WeightQuantizer(CachedBufferState):
         return self.bits is not None
 
     @property
+    def qmin(self) -> int:
+        assert self.bits is not None
+        return weight_code_range(self.bits, self.grid)[0]
+
+    @property
     def qmax(self) -> int:
         assert self.bits is not None
-        return symmetric_qmax(self.bits)
+        return weight_code_range(self.bits, self.grid)[1]
+
+    def minmax_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-channel min-max scale of ``weight`` on this quantizer's grid (dynamic weights)."""
+        max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+        return symmetric_scale(max_abs, self.bits, self.grid)
 
     @torch.no_grad()
     def calibrate_from(self, weight: torch.Tensor) -> None:
         if not self.enabled:
             return
-        max_abs = weight_max_abs(weight, self.bits, self.observer, self.percentile)
-        self.scale.copy_(symmetric_scale(max_abs, self.bits).to(self.scale.device))
+        max_abs = weight_max_abs(weight, self.bits, self.observer, self.percentile, self.grid)
+        self.scale.copy_(symmetric_scale(max_abs, self.bits, self.grid).to(self.scale.device))
         self.calibrated.fill_(True)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -123,23 +138,24 @@ class WeightQuantizer(CachedBufferState):
             return weight
         if self.dynamic:
             with torch.no_grad():
-                max_abs = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
-                self.scale.copy_(symmetric_scale(max_abs, self.bits))
+                self.scale.copy_(self.minmax_scale(weight))
                 self.calibrated.fill_(True)
         elif not self.buffer_flag("calibrated"):
             raise NotCalibratedError(
                 "weight quantizer used before calibration: call p4q_lightning.calibrate(model, ...)"
             )
-        return fake_quant(weight, self.scale, self.zero_point, -self.qmax, self.qmax, axis=0)
+        return fake_quant(weight, self.scale, self.zero_point, self.qmin, self.qmax, axis=0)
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of an (already quantized) weight, as int8."""
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        q = torch.round(weight.float() / self.scale.view(shape)).clamp(-self.qmax, self.qmax)
+        q = torch.round(weight.float() / self.scale.view(shape)).clamp(self.qmin, self.qmax)
         return q.to(torch.int8)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, observer={self.observer}, dynamic={self.dynamic}"
+        return (
+            f"bits={self.bits}, observer={self.observer}, grid={self.grid}, dynamic={self.dynamic}"
+        )
 
 
 class ActivationQuantizer(CachedBufferState):
@@ -148,6 +164,10 @@ class ActivationQuantizer(CachedBufferState):
     Modes: ``quant`` (use stored range), ``observe`` (calibration: record statistics, pass the
     input through unchanged), ``ema`` (quantization-aware training: track the range with an
     exponential moving average while training, use it frozen in eval).
+
+    ``channel_axis`` is the channel dim of per-channel ranges (-1; 1 for NCHW pixels),
+    ``grid`` the activation grid (:data:`p4q_lightning.quant.qmath.ACT_GRIDS`) and
+    ``score_on`` what the range search scores (``sample`` or ``last_batch``).
     """
 
     def __init__(
@@ -158,6 +178,9 @@ class ActivationQuantizer(CachedBufferState):
         channels: int = 1,
         percentile: float = 99.99,
         ema_momentum: float = 0.1,
+        channel_axis: int = -1,
+        grid: str = "zero_exact",
+        score_on: str = "sample",
     ) -> None:
         super().__init__()
         self.bits = bits
@@ -165,6 +188,9 @@ class ActivationQuantizer(CachedBufferState):
         self.per_channel = per_channel
         self.percentile = percentile
         self.ema_momentum = ema_momentum
+        self.channel_axis = channel_axis
+        self.grid = grid
+        self.score_on = score_on
         self.mode = "quant"
         self._observer: ActivationObserver | None = None
         self.last_stats: dict[str, float] = {}
@@ -183,8 +209,19 @@ class ActivationQuantizer(CachedBufferState):
         if self.enabled:
             self.mode = "observe"
             self._observer = ActivationObserver(
-                self.observer_name, self.per_channel, self.percentile
+                self.observer_name,
+                self.per_channel,
+                self.percentile,
+                channel_axis=self.channel_axis,
+                score_on=self.score_on,
+                bits=self.bits,
+                grid=self.grid,
             )
+
+    def score_next_batch(self) -> None:
+        """Tell the observer that the coming batch is the last (``score_on='last_batch'``)."""
+        if self._observer is not None:
+            self._observer.score_next_batch()
 
     @torch.no_grad()
     def finish_observing(self) -> bool:
@@ -196,7 +233,7 @@ class ActivationQuantizer(CachedBufferState):
             return False
         lo, hi = obs.compute_range(self.bits)
         self.set_range(lo, hi)
-        clipped = 0.0
+        clipped = obs.clip_ratio_of_scored_batch
         if obs.needs_samples:
             sample = obs.sample()
             clipped = float(((sample < lo) | (sample > hi)).float().mean())
@@ -213,7 +250,7 @@ class ActivationQuantizer(CachedBufferState):
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         device = self.scale.device
         lo, hi = lo.reshape(-1).to(device), hi.reshape(-1).to(device)
-        scale, zp = affine_qparams(lo, hi, self.bits)
+        scale, zp = affine_qparams(lo, hi, self.bits, self.grid)
         self.range_min.copy_(lo)
         self.range_max.copy_(hi)
         self.scale.copy_(scale)
@@ -251,7 +288,7 @@ class ActivationQuantizer(CachedBufferState):
         self._check_ready(x)
         if not self.per_channel:
             return fake_quant_prepared(x, *self._float_params())
-        shape = channel_shape(x.dim(), -1, self.scale.numel())
+        shape = channel_shape(x.dim(), self.channel_axis, self.scale.numel())
         params = self.cached(
             f"qparams{shape}",
             (self.scale, self.zero_point),
@@ -279,6 +316,8 @@ class ActivationQuantizer(CachedBufferState):
     @torch.no_grad()
     def _ema_update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
+        if self.per_channel and self.channel_axis % x.dim() != x.dim() - 1:
+            x = x.movedim(self.channel_axis, -1)
         lo, hi = observed_range(
             x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(-1, 1)
         )
@@ -290,7 +329,10 @@ class ActivationQuantizer(CachedBufferState):
         self.set_range(lo, hi)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, observer={self.observer_name}, per_channel={self.per_channel}"
+        return (
+            f"bits={self.bits}, observer={self.observer_name}, per_channel={self.per_channel}, "
+            f"grid={self.grid}, score_on={self.score_on}"
+        )
 
 
 def _global_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,9 @@ ALL_GROUPS: tuple[str, ...] = tuple(
 
 WeightObserver = Literal["minmax", "percentile", "mse"]
 ActObserver = Literal["minmax", "percentile", "omse", "mse"]
+WeightGrid = Literal["restricted", "official"]
+ActGrid = Literal["zero_exact", "official"]
+ScoreOn = Literal["sample", "last_batch"]
 
 
 def _check_bits(bits: int | None, what: str) -> int | None:
@@ -55,9 +58,19 @@ class GroupSpec:
         w_observer: how the weight clip range is chosen: ``minmax``, ``percentile`` or ``mse``.
         a_observer: how activation ranges are chosen from calibration data: ``minmax``,
             ``percentile``, ``omse`` (the official P4Q/FQ-ViT shrink search) or ``mse``.
-        a_per_channel: per-channel (last dim) activation ranges instead of per tensor.
+        a_per_channel: per-channel activation ranges instead of per tensor (the last dim;
+            the RGB channels for the patch embedding's pixel input). OMSE then keeps one
+            shrink factor shared by all channels, as the official code does.
         softmax_quantizer: ``uniform`` or ``log2`` for attention probabilities.
         percentile: the upper percentile used by the percentile observers.
+        w_grid: ``restricted`` (codes +-(2^(b-1)-1), scale max|w|/(2^(b-1)-1)) or ``official``
+            (codes -2^(b-1)..2^(b-1)-1, scale max|w|/(2^(b-1)-0.5), the P4Q code's grid).
+        a_grid: ``zero_exact`` (ranges widened to contain 0) or ``official`` (range as found,
+            zero point clamped), see :data:`p4q_lightning.quant.qmath.ACT_GRIDS`.
+        a_score_on: data the search observers (percentile, OMSE, MSE) score candidates on:
+            ``sample`` (a bounded uniform sample of every batch) or ``last_batch`` (all of the
+            last calibration batch, as the official code does; the min/max still come from
+            every batch).
     """
 
     w_bits: int | None = None
@@ -67,6 +80,9 @@ class GroupSpec:
     a_per_channel: bool = False
     softmax_quantizer: Literal["uniform", "log2"] = "uniform"
     percentile: float = 99.99
+    w_grid: WeightGrid = "restricted"
+    a_grid: ActGrid = "zero_exact"
+    a_score_on: ScoreOn = "sample"
 
     def __post_init__(self) -> None:
         self.w_bits = _check_bits(self.w_bits, "w_bits")
@@ -81,6 +97,13 @@ class GroupSpec:
             raise ValueError(f"softmax_quantizer={self.softmax_quantizer!r}: use uniform or log2")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile={self.percentile} must lie in (50, 100]")
+        for name, value, allowed in (
+            ("w_grid", self.w_grid, ("restricted", "official")),
+            ("a_grid", self.a_grid, ("zero_exact", "official")),
+            ("a_score_on", self.a_score_on, ("sample", "last_batch")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
 
     @property
     def is_float(self) -> bool:
@@ -97,10 +120,16 @@ class GroupSpec:
 
 @dataclass
 class QuantSpec:
-    """Bit settings for every layer group of a CLIP student (see :data:`ALL_GROUPS`)."""
+    """Bit settings for every layer group of a CLIP student (see :data:`ALL_GROUPS`).
+
+    ``float_weight_calibration``: observe activation ranges with the float weights and
+    quantize the weights afterwards (the official code's order), instead of observing the
+    activations the quantized weights produce.
+    """
 
     groups: dict[str, GroupSpec] = field(default_factory=dict)
     name: str = "custom"
+    float_weight_calibration: bool = False
 
     def __post_init__(self) -> None:
         unknown = [g for g in self.groups if g not in ALL_GROUPS]
@@ -122,12 +151,17 @@ class QuantSpec:
         return {
             "name": self.name,
             "groups": {k: dataclasses.asdict(v) for k, v in self.groups.items()},
+            "float_weight_calibration": self.float_weight_calibration,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
         groups = {k: GroupSpec(**v) for k, v in data["groups"].items()}
-        return cls(groups=groups, name=data.get("name", "custom"))
+        return cls(
+            groups=groups,
+            name=data.get("name", "custom"),
+            float_weight_calibration=bool(data.get("float_weight_calibration", False)),
+        )
 
 
 def _unknown_group_message(group: str) -> str:
@@ -157,13 +191,15 @@ def _uniform(w_bits: int | None, a_bits: int | None, name: str, **kw: Any) -> Qu
 
 
 def _p4q_448() -> QuantSpec:
-    """The official P4Q code's real "4-4-8" setting (P4Q_NOTES.md section 2).
+    """The tensors and bit widths of the official "4-4-8" setting, with our own calibration.
 
     Only the patch-embedding conv weight and the pixel input use 4 bits; every transformer
     linear weight (in_proj, out_proj, c_fc, c_proj) in both towers and the adapter use 8 bits.
     The quantized activations are exactly those the official code quantizes: the attention
     input (before in_proj) and the inputs of c_fc and c_proj; the out_proj input, q/k/v,
-    attention scores, embeddings and norms stay in float. Weights min-max, activations OMSE.
+    attention scores, embeddings and norms stay in float. A simplification of the official
+    quantizer (per-tensor activation ranges, restricted weight grid, ranges observed behind
+    quantized weights): use ``p4q-official`` to reproduce the official code's numbers.
     """
     groups: dict[str, GroupSpec] = {}
     for tower in TOWERS:
@@ -175,6 +211,31 @@ def _p4q_448() -> QuantSpec:
     return QuantSpec(groups=groups, name="p4q-448")
 
 
+def _p4q_official() -> QuantSpec:
+    """The official P4Q code's "4-4-8" quantizer, calibration included (docs/official_quantizer.md).
+
+    Same tensors and bits as ``p4q-448``; in addition, as in the official code: one activation
+    range per channel (the pixel input per RGB channel, block activations per feature, the
+    adapter too) with OMSE's single shared shrink factor scored on the last calibration batch,
+    the official weight and activation grids, and ranges observed with float weights.
+    """
+    official = {
+        "a_observer": "omse",
+        "a_per_channel": True,
+        "w_grid": "official",
+        "a_grid": "official",
+        "a_score_on": "last_batch",
+    }
+    groups: dict[str, GroupSpec] = {}
+    for tower in TOWERS:
+        for g in ("attn_qkv", "mlp_fc", "mlp_proj"):
+            groups[f"{tower}.{g}"] = GroupSpec(w_bits=8, a_bits=8, **official)
+        groups[f"{tower}.attn_out"] = GroupSpec(w_bits=8, a_bits=None, **official)
+    groups["vision.patch_embed"] = GroupSpec(w_bits=4, a_bits=4, **official)
+    groups["adapter"] = GroupSpec(w_bits=8, a_bits=8, **official)
+    return QuantSpec(groups=groups, name="p4q-official", float_weight_calibration=True)
+
+
 PRESETS = {
     "fp": lambda: QuantSpec(name="fp"),
     "w8a8": lambda: _uniform(8, 8, "w8a8"),
@@ -182,6 +243,7 @@ PRESETS = {
     "w4a8": lambda: _uniform(4, 8, "w4a8"),
     "w4a4": lambda: _uniform(4, 4, "w4a4"),
     "p4q-448": _p4q_448,
+    "p4q-official": _p4q_official,
 }
 
 
