@@ -28,7 +28,7 @@ def tiny_float(tiny_name: str):
     return model, tokenizer
 
 
-@pytest.fixture(scope="session", params=["w8a8", "w4a4", "p4q-448"])
+@pytest.fixture(scope="session", params=["w8a8", "w4a4", "p4q-448", "p4q-official"])
 def student(request: pytest.FixtureRequest, tiny_float):
     return (request.param, *make_student(tiny_float, request.param))
 

@@ -168,3 +168,36 @@ def test_load_lowbit_int8(student, images, tmp_path, tiny_name) -> None:
     fq, i8 = load_lowbit(path), load_lowbit(path, int8=True)
     assert i8.int8 and not fq.int8
     assert (fq.predict(images) == i8.predict(images)).float().mean() >= 0.95
+
+
+def test_per_channel_student_says_int8_cannot_take_it(tiny_float, images, caplog) -> None:
+    """``p4q-official`` has per-channel input ranges everywhere: int8 conversion converts none
+    of its layers, says why in one warning, and leaves the fake-quant result unchanged."""
+    from export_helpers import make_student
+
+    student, _ = make_student(tiny_float, "p4q-official")
+    with caplog.at_level("WARNING", logger="p4q_lightning.export.int8"):
+        int8 = convert_to_int8(copy.deepcopy(student))
+    assert not any(isinstance(m, Int8Linear) for m in int8.modules())
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "per-channel input ranges" in warnings[0]
+    with torch.no_grad():
+        assert torch.equal(int8.encode_image(images), student.encode_image(images))
+
+
+def test_official_grid_codes_reach_int8() -> None:
+    """Official 8-bit grid: the code -128 survives the int8 weight (the restricted grid's
+    clamp to -127 would move it by one step)."""
+    layer = QuantLinear(
+        4, 2, GroupSpec(w_bits=8, a_bits=8, a_observer="minmax", w_grid="official"), "test"
+    )
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.55, -2.55, 1.0, 0.0], [-1.0, 0.5, 0.25, 0.1]]))
+    layer.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
+    layer.freeze_weights()
+    assert layer.weight_quantizer.codes(layer.weight)[0].tolist() == [127, -128, 50, 0]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        ref = layer(x)
+        out = Int8Linear.from_quant_linear(layer, "int_mm")(x)
+    assert torch.allclose(out, ref, atol=1e-5)

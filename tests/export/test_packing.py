@@ -8,9 +8,9 @@ from p4q_lightning.export import pack_codes, packed_nbytes, storage_bits, unpack
 @pytest.mark.parametrize("shape", [(7,), (4, 6), (3, 5, 2), (1,), (0, 3)])
 def test_pack_unpack_round_trip_is_exact(bits: int, shape: tuple[int, ...]) -> None:
     qmax = 2 ** (bits - 1) - 1
-    codes = torch.randint(-qmax, qmax + 1, shape, dtype=torch.int8)
+    codes = torch.randint(-qmax - 1, qmax + 1, shape, dtype=torch.int8)
     if codes.numel():
-        codes.view(-1)[0] = -qmax
+        codes.view(-1)[0] = -qmax - 1  # the official grid's extra negative code
         codes.view(-1)[-1] = qmax
     stored = pack_codes(codes, bits)
     assert stored.numel() == packed_nbytes(codes.numel(), bits)
@@ -22,11 +22,14 @@ def test_int4_packs_two_codes_per_byte() -> None:
     codes = torch.tensor([-7, 7, 0, 1], dtype=torch.int8)
     stored = pack_codes(codes, 4)
     assert stored.tolist() == [(1) | (15 << 4), 8 | (9 << 4)]
+    assert pack_codes(torch.tensor([-8, 7], dtype=torch.int8), 4).tolist() == [0 | (15 << 4)]
 
 
 def test_codes_outside_range_are_rejected() -> None:
     with pytest.raises(ValueError, match="4-bit range"):
         pack_codes(torch.tensor([8], dtype=torch.int8), 4)
+    with pytest.raises(ValueError, match="4-bit range"):
+        pack_codes(torch.tensor([-9], dtype=torch.int8), 4)
     with pytest.raises(TypeError, match="int8"):
         pack_codes(torch.tensor([1], dtype=torch.int32), 8)
     with pytest.raises(ValueError, match="supported widths"):
