@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every performance figure the README quotes, in one run (CPU; ~15 minutes on 2 cores).
+# Every performance figure the README quotes, in one run (CPU; ~30 minutes on 2 cores).
 # Each script prints a markdown table; ratios are measured within one script run.
 set -euo pipefail
 PY=${PY:-python}
@@ -18,3 +18,4 @@ run benchmarks/bench_int8.py --preset p4q-448
 # the kernel a CPU without VNNI gets (fbgemm would saturate there): torch._int_mm
 echo; echo "## FBGEMM_ENABLE_INSTRUCTIONS=AVX2 benchmarks/bench_int8.py --preset w8a8"; echo
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 "$PY" benchmarks/bench_int8.py --preset w8a8
+run benchmarks/bench_calibration.py                     # ViT-B/32 calibration time, 1,280 images
