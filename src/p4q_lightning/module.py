@@ -51,7 +51,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         method: ``p4q`` (prompts + adapter + distillation on the PTQ student), ``coop``
             (prompts on the float model), ``ptq`` (PTQ student, template classifier, no
             training) or ``zeroshot`` (float model, template classifier, no training).
-        quant: quantization preset (``w8a8``, ``w4a4``, ``p4q-448``, ...) or QuantSpec dict.
+        quant: quantization preset (``w8a8``, ``w4a4``, ``p4q-official``, ...) or QuantSpec dict.
         quant_overrides: per-group changes, e.g. ``{"attn_internals": {"a_bits": 8}}``.
         n_ctx: number of learned prompt context vectors (CoOp: 16).
         ctx_init: initialise the context from this phrase (e.g. ``a photo of a``; sets n_ctx).

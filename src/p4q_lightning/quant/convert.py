@@ -71,9 +71,9 @@ def quantize(
 ) -> nn.Module:
     """Return a frozen, quantized deep copy of an open_clip CLIP; ``model`` is untouched.
 
-    ``spec`` is a preset name (``fp``, ``w8a8``, ``w6a6``, ``w4a8``, ``w4a4``, ``p4q-448``),
-    a :class:`QuantSpec` or its dict form; ``overrides`` changes single groups (see
-    :func:`get_spec`). The copy must be calibrated (:func:`calibrate`) before use, unless
+    ``spec`` is a preset name (``fp``, ``w8a8``, ``w6a6``, ``w4a8``, ``w4a4``, ``p4q-448``,
+    ``p4q-official``), a :class:`QuantSpec` or its dict form; ``overrides`` changes single
+    groups (see :func:`get_spec`). The copy must be calibrated (:func:`calibrate`) before use, unless
     nothing in it is quantized.
     """
     if getattr(model, SPEC_ATTR, None) is not None:
