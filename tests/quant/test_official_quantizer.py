@@ -310,3 +310,17 @@ def test_p4q_official_vitb32_random_weights_end_to_end() -> None:
     assert student.visual.transformer.resblocks[11].mlp.c_proj.input_quantizer.scale.shape == (
         3072,
     )
+
+
+def test_last_batch_scoring_reaches_every_quantizer(
+    tiny_images: torch.Tensor, prompts: torch.Tensor
+) -> None:
+    """w4a4 (q/k/v and probabilities quantized too) with every group scoring its last batch:
+    calibration marks the last batch for every activation quantizer of both towers."""
+    overrides = {g: {"a_score_on": "last_batch", "a_grid": "official"} for g in ALL_GROUPS}
+    student = quantize(build_tiny_clip(), "w4a4", overrides=overrides)
+    attn = student.visual.transformer.resblocks[0].attn
+    assert attn.q_quantizer.score_on == "last_batch" and attn.q_quantizer.grid == "official"
+    calibrate(student, images=list(tiny_images.chunk(2)), texts=[prompts], progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(student.encode_image(tiny_images)).all()

@@ -213,6 +213,8 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
             a_bits=internals.a_bits,
             a_observer=internals.a_observer,
             percentile=internals.percentile,
+            a_grid=internals.a_grid,
+            a_score_on=internals.a_score_on,
         )
         self.q_quantizer = _act_quantizer(internal_spec, self.head_dim)
         self.k_quantizer = _act_quantizer(internal_spec, self.head_dim)
