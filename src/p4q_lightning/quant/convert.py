@@ -73,8 +73,8 @@ def quantize(
 
     ``spec`` is a preset name (``fp``, ``w8a8``, ``w6a6``, ``w4a8``, ``w4a4``, ``p4q-448``,
     ``p4q-official``), a :class:`QuantSpec` or its dict form; ``overrides`` changes single
-    groups (see :func:`get_spec`). The copy must be calibrated (:func:`calibrate`) before use, unless
-    nothing in it is quantized.
+    groups (see :func:`get_spec`). The copy must be calibrated (:func:`calibrate`) before use,
+    unless nothing in it is quantized.
     """
     if getattr(model, SPEC_ATTR, None) is not None:
         raise ValueError(
