@@ -285,7 +285,7 @@ def test_p4q_official_tiny_end_to_end(tiny_images: torch.Tensor, prompts: torch.
 
 @pytest.mark.slow
 def test_p4q_official_vitb32_random_weights_end_to_end() -> None:
-    """ViT-B/32 with random weights, 8 random calibration images (~30 s on 2 cores): every
+    """ViT-B/32 with random weights, 8 random calibration images (9-30 s on 2 cores, by load): every
     quantizer calibrates, features stay finite and within 15 % of float (the official code
     is ~4 % from float with 128 calibration images, a smoke bound here)."""
     import open_clip
