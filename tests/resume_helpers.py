@@ -50,6 +50,7 @@ class SaveTrainedState(Callback):
                     "global_step": trainer.global_step,
                     "text_shard": list(getattr(pl_module, "text_shard", (0, 0))),
                     "world_size": trainer.world_size,
+                    "views_encoded": list(pl_module._train_source.cache.encoded_here),
                 },
                 self.out,
             )

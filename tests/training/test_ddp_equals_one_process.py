@@ -1,8 +1,9 @@
 """Two DDP processes (gloo, CPU) with B images each train exactly what one process with 2 x B
 images trains: the same prompt initialisation, the same sample order and the same adapter range
 updates, although each DDP rank encodes only half of the class prompts (gathered with
-gradient). Tolerance: float rounding of the gradient all-reduce and of batched matmuls of
-different batch sizes only (rtol 1e-5, atol 1e-6; measured max |Δ| 1.5e-8 after 4 steps)."""
+gradient) and half of the cached feature views (broadcast). Tolerance: float rounding of the
+gradient all-reduce and of batched matmuls of different batch sizes only (rtol 1e-5, atol 1e-6;
+measured max |Δ| 1.5e-8 after 4 steps)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
     assert ddp_result["world_size"] == 2
     assert ddp_result["text_shard"] == [0, (n_cls + 1) // 2]
     assert tuple(single.model.text_shard) == (0, n_cls)
+    # the feature cache was built once: rank 0 encoded view 0, rank 1 view 1 (broadcast)
+    assert ddp_result["views_encoded"] == [0]
+    assert single.model._train_source.cache.encoded_here == (0, 1)
     assert state.keys() == ddp_result["state"].keys()
     worst = {
         k: float((ddp_result["state"][k].double() - v.double()).abs().max())

@@ -17,12 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from p4q_lightning.distributed import world
 
 
 def shard_bounds(n_items: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from p4q_lightning.distributed import all_agree, broadcast, world
 from p4q_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class FeatureCache:
     features: dict[str, torch.Tensor]
     labels: torch.Tensor
     offsets: torch.Tensor
+    encoded_here: tuple[int, ...] = ()  # views this process encoded (not saved)
 
     @property
     def views(self) -> int:
@@ -80,14 +82,21 @@ def build_feature_cache(
 ) -> FeatureCache:
     """Encode ``views`` augmented passes over ``dataset`` (items ``(image, label, ...)``).
 
-    Each view's augmentation is seeded by ``seed + view`` (main process and loader workers),
-    so every DDP rank builds the same cache.
+    Each view's augmentation is seeded by ``seed + view`` (main process and loader workers), so
+    a view is the same whoever encodes it: under DDP with W ranks and ``views >= W``, rank r
+    encodes views r, r + W, ... and receives the others by broadcast, so the cache is built
+    once in total, not once per rank.
     """
     if views < 1:
         raise ValueError(f"a feature cache needs views >= 1, got {views}")
-    per_view: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    rank, world_size = world()
+    shard = world_size > 1 and views >= world_size
+    mine = [v for v in range(views) if not shard or v % world_size == rank]
+    if shard:
+        log.info("encoding views %s of %d here; the other ranks encode the rest", mine, views)
+    per_view: dict[str, dict[int, torch.Tensor]] = {name: {} for name in encoders}
     labels: torch.Tensor | None = None
-    for view in range(views):
+    for view in mine:
         generator = torch.Generator().manual_seed(seed + view)
         loader = DataLoader(
             dataset,
@@ -115,11 +124,23 @@ def build_feature_cache(
                     outs[name].append(encode(images).float().cpu())
                 view_labels.append(torch.as_tensor(y).cpu())
         for name in encoders:
-            per_view[name].append(torch.cat(outs[name]))
+            per_view[name][view] = torch.cat(outs[name])
         labels = torch.cat(view_labels) if labels is None else labels
+    assert labels is not None
+    if shard:
+        for view in range(views):  # every view from the rank that encoded it
+            for done in per_view.values():
+                mine_or_empty = done.get(view)
+                if mine_or_empty is None:
+                    mine_or_empty = torch.empty_like(next(iter(done.values())))
+                done[view] = broadcast(mine_or_empty, src=view % world_size, device=device)
     offsets = torch.randint(0, views, (len(labels),), generator=torch.Generator().manual_seed(seed))
-    features = {name: torch.stack(chunks) for name, chunks in per_view.items()}
-    return FeatureCache(features=features, labels=labels.long(), offsets=offsets)
+    features = {
+        name: torch.stack([done[v] for v in range(views)]) for name, done in per_view.items()
+    }
+    return FeatureCache(
+        features=features, labels=labels.long(), offsets=offsets, encoded_here=tuple(mine)
+    )
 
 
 def dataset_fingerprint(dataset: Dataset, extra: Mapping[str, Any] | None = None) -> str:
@@ -140,21 +161,26 @@ def load_or_build(
     cache_dir: str | os.PathLike[str] | None,
     key: str,
     build: Callable[[], FeatureCache],
+    device: torch.device | str = "cpu",
 ) -> FeatureCache:
     """Load ``features-<key>.pt`` from ``cache_dir`` or build it and write it atomically."""
     if cache_dir is None:
         return build()
     path = Path(cache_dir).expanduser() / f"features-{key}.pt"
+    loaded: FeatureCache | None = None
     if path.is_file():
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            log.info("loaded cached image features from %s", path)
-            return FeatureCache(**data)
+            loaded = FeatureCache(**torch.load(path, map_location="cpu", weights_only=True))
         except Exception as err:  # a corrupt or foreign file is rebuilt, not fatal
             log.warning("ignoring unreadable feature cache %s (%s); rebuilding", path, err)
+    # under DDP the build is collective: every rank loads, or every rank builds
+    if all_agree(loaded is not None, device):
+        log.info("loaded cached image features from %s", path)
+        return loaded  # type: ignore[return-value]
     cache = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
-        torch.save(cache.to_dict(), tmp)
-    log.info("wrote image features to %s", path)
+    if world()[0] == 0:  # every rank holds the same cache: one writer
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            torch.save(cache.to_dict(), tmp)
+        log.info("wrote image features to %s", path)
     return cache

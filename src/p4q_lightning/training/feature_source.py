@@ -139,7 +139,8 @@ class TrainFeatureSource:
                 and module.trainer.progress_bar_callback is not None,
             )
 
-        return load_or_build(hp.feature_cache_dir, self._key(reference, seed, views), build)
+        key = self._key(reference, seed, views)
+        return load_or_build(hp.feature_cache_dir, key, build, device=module.device)
 
     def _key(self, reference: DataLoader, seed: int, views: int) -> str:
         module = self.module

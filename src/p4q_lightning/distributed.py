@@ -1,0 +1,35 @@
+"""The few torch.distributed collectives the package uses, each a no-op without a process group.
+
+Tensors travel on ``device`` (NCCL needs CUDA tensors; gloo takes CPU ones) and come back where
+they were.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True only if ``flag`` is true on every rank (so all ranks take the same branch)."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast(tensor: torch.Tensor, src: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``tensor`` from rank ``src`` on every rank (others pass a tensor of the same shape)."""
+    if world()[1] == 1:
+        return tensor
+    t = tensor.to(device, copy=True).contiguous()  # never written into the caller's tensor
+    dist.broadcast(t, src=src)
+    return t.to(tensor.device)
