@@ -117,3 +117,15 @@ def test_warmup_then_cosine_to_zero():
     assert math.isclose(fn(7), 0.5, abs_tol=1e-9)
     assert fn(12) == pytest.approx(0.0) and fn(20) == pytest.approx(0.0)
     assert WarmupCosine()(0) == 1.0  # before the trainer fills in the lengths
+
+
+def test_linear_warmup_ramps_to_one_then_follows_the_cosine():
+    fn = WarmupCosine(warmup_steps=4, total_steps=12, linear_warmup=True)
+    assert [fn(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert fn(4) == 1.0 and fn(12) == 0.0
+    # ``lr`` multiplies before dividing during the ramp (the demo teacher's recipe), and is
+    # ``base * factor`` afterwards
+    base = 1e-3
+    assert [fn.lr(base, s) for s in range(4)] == [base * (s + 1) / 4 for s in range(4)]
+    assert fn.lr(base, 7) == base * fn(7)
+    assert WarmupCosine(0.1, warmup_steps=2, total_steps=4).lr(base, 0) == base * 0.1

@@ -44,13 +44,11 @@ def model_preprocess(
     from open_clip.transform import PreprocessCfg
 
     from p4q_lightning.model.build import register_model_config
-    from p4q_lightning.model.clip import SYNTHETIC_PREFIX
+    from p4q_lightning.model.clip import SYNTHETIC_PREFIX, register_tiny_clip
 
     if model_config:
         register_model_config(model_config)
     if model_name.startswith("p4q-"):
-        from p4q_lightning.model.tiny_clip import register_tiny_clip
-
         register_tiny_clip()
     config = open_clip.get_model_config(model_name) or {}
     cfg = asdict(PreprocessCfg())

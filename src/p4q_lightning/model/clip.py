@@ -15,6 +15,20 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic"
+TINY_MODEL_NAME = "p4q-tiny"
+TINY_CONFIG_PATH = Path(__file__).parent / "configs" / f"{TINY_MODEL_NAME}.json"
+
+
+def register_tiny_clip() -> str:
+    """Register the packaged ``p4q-tiny`` config with open_clip (idempotent); return its name."""
+    if TINY_MODEL_NAME not in open_clip.list_models():
+        if not TINY_CONFIG_PATH.is_file():
+            raise FileNotFoundError(
+                f"{TINY_CONFIG_PATH} is missing: the p4q-tiny config ships as package data; "
+                "reinstall p4q_lightning (pip install -e .) so model/configs/*.json is included"
+            )
+        open_clip.add_model_config(TINY_CONFIG_PATH)
+    return TINY_MODEL_NAME
 
 
 def _check_model_name(name: str) -> None:
@@ -34,7 +48,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     if pretrained is None or pretrained == "":
         return None
     if pretrained == SYNTHETIC_PREFIX or pretrained.startswith(SYNTHETIC_PREFIX + ":"):
-        from p4q_lightning.model.tiny_clip import ensure_teacher_checkpoint
+        from p4q_lightning.demo.teacher import ensure_teacher_checkpoint
 
         seed = int(pretrained.split(":", 1)[1]) if ":" in pretrained else 0
         return str(ensure_teacher_checkpoint(world_seed=seed))
@@ -65,8 +79,6 @@ def load_clip(
     random weights. The model is returned in eval mode.
     """
     if name.startswith("p4q-"):
-        from p4q_lightning.model.tiny_clip import register_tiny_clip
-
         register_tiny_clip()
     _check_model_name(name)
     resolved = _resolve_pretrained(name, pretrained)

@@ -1,4 +1,4 @@
-"""``p4q-tiny``: a small open_clip CLIP pretrained on the synthetic world, the CPU demo teacher.
+"""The demo teacher: ``p4q-tiny`` (a small open_clip CLIP) pretrained on the synthetic world.
 
 The model is an ordinary open_clip ``CLIP`` (a ``VisionTransformer`` and a text transformer
 with ``nn.MultiheadAttention``, OpenAI tokenizer), i.e. the same code path as ViT-B/32, only
@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,18 +33,31 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transformer import text_global_pool
 
 from p4q_lightning.data.cache import cache_dir as resolve_cache_dir
 from p4q_lightning.data.synthetic.captions import CaptionConfig, CaptionWriter
 from p4q_lightning.data.synthetic.task import TEMPLATES, ClassSet, generate_split, stream_generator
 from p4q_lightning.data.synthetic.world import Scenes, WorldConfig, render, sample_scenes
 from p4q_lightning.files import atomic_write
+from p4q_lightning.model.clip import TINY_CONFIG_PATH as CONFIG_PATH
+from p4q_lightning.model.clip import TINY_MODEL_NAME as MODEL_NAME
+from p4q_lightning.model.clip import register_tiny_clip
+from p4q_lightning.model.text_encoder import TextTower, template_text_features
+from p4q_lightning.training.optim import WarmupCosine
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "p4q-tiny"
-CONFIG_PATH = Path(__file__).parent / "configs" / f"{MODEL_NAME}.json"
+__all__ = [
+    "MODEL_NAME",
+    "PretrainConfig",
+    "encode_captions",
+    "ensure_teacher_checkpoint",
+    "pretrain_tiny_clip",
+    "recipe_fingerprint",
+    "register_tiny_clip",
+    "sample_grouped_scenes",
+    "zero_shot_report",
+]
 # Bump when the world, captions or training loop change in a way the config does not capture.
 RECIPE_VERSION = 2
 
@@ -71,18 +84,6 @@ class PretrainConfig:
     # reductions split differently per thread count, so the cached teacher would otherwise
     # depend on who pretrained it first (the test suite runs with one thread, `make demo` not).
     threads: int | None = 2
-
-
-def register_tiny_clip() -> str:
-    """Register the ``p4q-tiny`` config with open_clip (idempotent) and return its name."""
-    if MODEL_NAME not in open_clip.list_models():
-        if not CONFIG_PATH.is_file():
-            raise FileNotFoundError(
-                f"{CONFIG_PATH} is missing: the p4q-tiny config ships as package data; reinstall "
-                "p4q_lightning (pip install -e .) so model/configs/*.json is included"
-            )
-        open_clip.add_model_config(CONFIG_PATH)
-    return MODEL_NAME
 
 
 def recipe_fingerprint(world_seed: int, config: PretrainConfig) -> str:
@@ -195,38 +196,27 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """open_clip's ``encode_text`` on the tokens cut to the longest sequence in the batch.
+def encode_captions(model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 2) -> torch.Tensor:
+    """Text features of token ids, with gradients, over length-sorted groups.
 
-    Exact under the causal mask (positions after EOT never reach the EOT output) and much
-    cheaper for short captions.
+    Each group is cut to its longest caption (exact under the causal mask), so short captions
+    skip the padding; the encoding is the package's :class:`TextTower`.
     """
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
-    x = model.token_embedding(tokens) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type)
-    return x @ model.text_projection
-
-
-def encode_text_bucketed(
-    model: torch.nn.Module, tokens: torch.Tensor, buckets: int = 2
-) -> torch.Tensor:
-    """``encode_text_truncated`` over length-sorted groups, so short captions skip the padding."""
+    tower = TextTower(model)
     order = tokens.argmax(dim=-1).argsort()
     proj = model.text_projection
     out = torch.empty(len(tokens), proj.shape[1], dtype=proj.dtype)
     for chunk in order.chunk(buckets):
-        out[chunk] = encode_text_truncated(model, tokens[chunk])
+        ids = tokens[chunk]
+        eot = tower.eot_index(ids)
+        ids = ids[:, : int(eot.max()) + 1]
+        out[chunk] = tower.encode_embeddings(tower.token_embedding(ids), eot)
     return out
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def schedule(cfg: PretrainConfig) -> WarmupCosine:
+    """The package's warm-up/cosine schedule with a linear ramp over ``cfg.warmup_steps``."""
+    return WarmupCosine(warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, linear_warmup=True)
 
 
 def _save_progress(
@@ -293,6 +283,7 @@ def pretrain_tiny_clip(
         gen = stream_generator(world_seed, "pretrain")
         writer = CaptionWriter(cfg.world, cfg.captions, seed=world_seed)
         targets = torch.arange(cfg.batch_size)
+        lr_schedule = schedule(cfg)
         every = max(1, cfg.steps // 10)
         save_every = save_every or every
         first = 0
@@ -305,10 +296,10 @@ def pretrain_tiny_clip(
             tokens = tokenizer(writer.canonical(scenes) if frozen else writer(scenes))
             for o in opt:
                 for group in o.param_groups:
-                    group["lr"] = _lr_at(step, cfg)
+                    group["lr"] = lr_schedule.lr(cfg.lr, step)
             img = F.normalize(model.encode_image(images), dim=-1)
             with torch.set_grad_enabled(not frozen):
-                txt = F.normalize(encode_text_bucketed(model, tokens), dim=-1)
+                txt = F.normalize(encode_captions(model, tokens), dim=-1)
             logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
             loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
             for o in opt:
@@ -384,17 +375,6 @@ def _make_optimizers(model: torch.nn.Module, cfg: PretrainConfig) -> list[torch.
 
 
 @torch.no_grad()
-def zero_shot_classifier(
-    model: torch.nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str]
-) -> torch.Tensor:
-    """L2-normalised class embeddings [C, D]: the mean of the templates' text embeddings."""
-    texts = [t.format(name) for name in classnames for t in templates]
-    emb = F.normalize(encode_text_bucketed(model, tokenizer(texts)), dim=-1)
-    emb = emb.view(len(classnames), len(templates), -1).mean(1)
-    return F.normalize(emb, dim=-1)
-
-
-@torch.no_grad()
 def zero_shot_accuracy(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -419,8 +399,8 @@ def zero_shot_report(
     images, labels = generate_split(classes, per_class, world_seed, "test")
     tokenizer = open_clip.get_tokenizer(register_tiny_clip())
     model.eval()
-    single = zero_shot_classifier(model, tokenizer, classes.classnames, TEMPLATES[:1])
-    ensemble = zero_shot_classifier(model, tokenizer, classes.classnames, TEMPLATES)
+    single = template_text_features(model, tokenizer, classes.classnames, TEMPLATES[:1])
+    ensemble = template_text_features(model, tokenizer, classes.classnames, TEMPLATES)
     return {
         "num_classes": len(classes),
         "test_images": len(images),

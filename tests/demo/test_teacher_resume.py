@@ -9,8 +9,8 @@ import pytest
 import torch
 from filelock import FileLock
 
-from p4q_lightning.model import tiny_clip
-from p4q_lightning.model.tiny_clip import PretrainConfig, ensure_teacher_checkpoint
+from p4q_lightning.demo import teacher
+from p4q_lightning.demo.teacher import PretrainConfig, ensure_teacher_checkpoint
 
 # one step of the frozen-text warm-up, then three with the text tower training
 QUICK = PretrainConfig(
@@ -31,16 +31,16 @@ def stop_at(step: int):
 
 
 def test_interrupted_pretraining_resumes_to_the_uninterrupted_weights(tmp_path):
-    reference = tiny_clip.pretrain_tiny_clip(3, QUICK).state_dict()
+    reference = teacher.pretrain_tiny_clip(3, QUICK).state_dict()
     progress = tmp_path / "teacher.progress.pt"
     with pytest.raises(Stop):
-        tiny_clip.pretrain_tiny_clip(
+        teacher.pretrain_tiny_clip(
             3, QUICK, callback=stop_at(3), progress_path=progress, save_every=2
         )
     assert torch.load(progress, weights_only=True)["step"] == 2
     torch.manual_seed(999)  # the resumed run restores every random state it depends on
     steps: list[int] = []
-    resumed = tiny_clip.pretrain_tiny_clip(
+    resumed = teacher.pretrain_tiny_clip(
         3, QUICK, callback=lambda s, m: steps.append(s), progress_path=progress, save_every=2
     ).state_dict()
     assert steps == [3, 4]  # only the lost steps ran again
@@ -49,7 +49,7 @@ def test_interrupted_pretraining_resumes_to_the_uninterrupted_weights(tmp_path):
 
 
 def test_waiting_for_another_process_is_announced(tmp_path, caplog):
-    stem = f"{tiny_clip.MODEL_NAME}-world5-{tiny_clip.recipe_fingerprint(5, QUICK)}"
+    stem = f"{teacher.MODEL_NAME}-world5-{teacher.recipe_fingerprint(5, QUICK)}"
     lock = FileLock(str(tmp_path / f"{stem}.lock"))
     result: dict = {}
     with lock:

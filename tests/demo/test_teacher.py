@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from p4q_lightning.model import tiny_clip
-from p4q_lightning.model.tiny_clip import (
+from p4q_lightning.demo import teacher
+from p4q_lightning.demo.teacher import (
     PretrainConfig,
-    encode_text_truncated,
+    encode_captions,
     ensure_teacher_checkpoint,
     register_tiny_clip,
 )
@@ -46,22 +46,25 @@ def test_register_is_idempotent_and_builds_an_open_clip_vit():
     assert model.visual.image_size == (32, 32)
 
 
-def test_importing_tiny_clip_does_not_import_lightning():
+def test_importing_the_teacher_does_not_import_lightning():
     code = (
-        "import sys; import p4q_lightning.model.tiny_clip as t; t.register_tiny_clip(); "
+        "import sys; import p4q_lightning.demo.teacher as t; t.register_tiny_clip(); "
         "print(any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_truncated_text_encoding_equals_open_clip():
+def test_caption_encoding_equals_open_clip_and_keeps_gradients():
     torch.manual_seed(0)
     model = open_clip.create_model(register_tiny_clip()).eval()
-    tokens = open_clip.get_tokenizer("p4q-tiny")(["a photo of a striped red circle.", "a cross."])
+    captions = ["a photo of a striped red circle.", "a cross.", "a big dotted blue square."]
+    tokens = open_clip.get_tokenizer("p4q-tiny")(captions)
+    short = encode_captions(model, tokens)
     with torch.no_grad():
-        short = encode_text_truncated(model, tokens)
         assert torch.allclose(short, model.encode_text(tokens), atol=1e-5)
+    short.sum().backward()
+    assert model.token_embedding.weight.grad is not None
 
 
 def test_checkpoint_is_cached_deterministic_and_loadable(quick_checkpoints, monkeypatch):
@@ -74,7 +77,7 @@ def test_checkpoint_is_cached_deterministic_and_loadable(quick_checkpoints, monk
     assert 0.0 <= report["zero_shot_top1"] <= 1.0
 
     # cached: a second call must not pretrain again
-    monkeypatch.setattr(tiny_clip, "pretrain_tiny_clip", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(teacher, "pretrain_tiny_clip", lambda *a, **k: pytest.fail("retrained"))
     assert ensure_teacher_checkpoint(world_seed=7, cache_dir=first.parent, config=QUICK) == first
     # P4Q_CACHE_DIR is the default location
     monkeypatch.setenv("P4Q_CACHE_DIR", str(first.parent))
@@ -94,7 +97,7 @@ def test_teacher_does_not_depend_on_the_callers_thread_count():
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            weights.append(tiny_clip.pretrain_tiny_clip(5, config).state_dict())
+            weights.append(teacher.pretrain_tiny_clip(5, config).state_dict())
             assert torch.get_num_threads() == n  # the caller's setting is restored
     finally:
         torch.set_num_threads(old)
@@ -121,7 +124,7 @@ def test_full_teacher_zero_shot_is_far_above_chance(tmp_path):
 
 def test_grouped_batches_share_all_but_one_attribute():
     from p4q_lightning.data.synthetic import WorldConfig
-    from p4q_lightning.model.tiny_clip import sample_grouped_scenes
+    from p4q_lightning.demo.teacher import sample_grouped_scenes
 
     world = WorldConfig()
     scenes = sample_grouped_scenes(48, world, torch.Generator().manual_seed(0), group_size=8)
