@@ -83,8 +83,7 @@ def test_config_parses_and_instantiates_with_a_tiny_model(path, world, tmp_path,
     for key, value in model_args.items():
         if key not in ("model_name", "pretrained", "n_ctx"):
             assert module.hparams[key] == value, key
-    if module.method in ("p4q", "ptq"):
-        assert module.student is not module.teacher
+    assert (module.student is not module.teacher) == module.traits.quantized
     assert run.trainer.max_epochs == trainer.get("max_epochs", run.trainer.max_epochs)
 
     if HAS_FEWSHOT:  # the real data section must parse against FewShotDataModule's signature

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tiny_world
 from p4q_lightning.callbacks import CalibrationCallback
+from p4q_lightning.methods import METHODS
 from p4q_lightning.module import P4QModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -168,13 +169,13 @@ def test_checkpoint_of_other_weights_is_refused(world, fitted):
         P4QModule.load_from_checkpoint(path, init_seed=1)
 
 
-@pytest.mark.parametrize("method", ["coop", "ptq", "zeroshot"])
+@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].uses_adapter])
 def test_baseline_methods_run_end_to_end(world, tmp_path, method):
     seed_everything(0)
     dm = make_dm(world)
     module = make_module(world, method=method)
     t = trainer(tmp_path, max_epochs=1)
-    if method == "coop":
+    if METHODS[method].trains:
         t.fit(module, dm)
         assert module.adapter is None and module.student is module.teacher
     else:

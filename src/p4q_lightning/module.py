@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 
 from p4q_lightning.losses import cosine_logits, p4q_loss
+from p4q_lightning.methods import Method, MethodTraits, traits
 from p4q_lightning.model.adapter import LowBitAdapter
 from p4q_lightning.model.build import build_teacher, image_feature_dim
 from p4q_lightning.model.classifier import P4QClassifierMixin
@@ -29,10 +30,6 @@ from p4q_lightning.training.feature_source import TrainFeatureSource
 
 log = logging.getLogger(__name__)
 
-Method = Literal["p4q", "coop", "ptq", "zeroshot"]
-METHODS = ("p4q", "coop", "ptq", "zeroshot")
-TRAINED = ("p4q", "coop")
-QUANTIZED = ("p4q", "ptq")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
@@ -128,8 +125,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         templates: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        method_traits = traits(method)
         if teacher_text not in ("templates", "prompt"):
             raise ValueError(f"teacher_text={teacher_text!r}: use 'templates' or 'prompt'")
         if feature_views < 0:
@@ -139,16 +135,16 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         self.save_hyperparameters()
         self.method: str = method
         self.quant_spec = (
-            get_spec(quant, quant_overrides) if method in QUANTIZED else get_spec("fp")
+            get_spec(quant, quant_overrides) if method_traits.quantized else get_spec("fp")
         )
         self.teacher, self.tokenizer = build_teacher(
             model_name, pretrained, model_config, init_seed
         )
         self.student = (
-            quantize(self.teacher, self.quant_spec) if method in QUANTIZED else self.teacher
+            quantize(self.teacher, self.quant_spec) if method_traits.quantized else self.teacher
         )
         self.adapter: LowBitAdapter | None = None
-        if method == "p4q" and adapter:
+        if method_traits.uses_adapter and adapter:
             # drawn from the run seed, not from wherever the global generator happens to be
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seeding.derived_seed("adapter", init_seed))
@@ -180,7 +176,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
             self.templates = list(templates)
         changed = classnames != self.classnames
         self.classnames = classnames
-        if self.method in TRAINED:
+        if self.traits.trains_prompts:
             if self.prompt_learner is None:
                 hp = self.hparams
                 self.prompt_learner = PromptLearner(
@@ -239,7 +235,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         if stage in ("validate", "test"):
             self._check_not_empty(stage)
         if stage == "fit":
-            if self.method not in TRAINED:
+            if not self.traits.trains:
                 raise ValueError(
                     f"method={self.method!r} has nothing to train: run `validate` or `test` "
                     "(e.g. `lightning test --config ...`) instead of `fit`"
@@ -296,8 +292,13 @@ class P4QModule(P4QClassifierMixin, LightningModule):
 
     # ------------------------------------------------------------------ training
     @property
+    def traits(self) -> MethodTraits:
+        """What ``method`` does (see :mod:`p4q_lightning.methods`)."""
+        return traits(self.method)
+
+    @property
     def distills(self) -> bool:
-        return self.method == "p4q" and self.hparams.distill_weight > 0
+        return self.traits.distils and self.hparams.distill_weight > 0
 
     def train(self, mode: bool = True) -> P4QModule:
         """Frozen CLIPs stay in eval mode (no dropout, fused attention) while the rest trains."""
@@ -385,7 +386,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         trainer = self.trainer
         if trainer.sanity_checking:
             return
-        if self.method in TRAINED and not self._trained and trainer.state.fn != "fit":
+        if self.traits.trains and not self._trained and trainer.state.fn != "fit":
             message = (
                 f"evaluating method={self.method!r} with an UNTRAINED prompt"
                 f"{' and adapter' if self.adapter is not None else ''}: no checkpoint was "

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from p4q_lightning.methods import METHODS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs"
@@ -32,7 +34,6 @@ RUN_ARTEFACTS = (
     "predictions.csv",
     WANDB_ID_FILE,
 )
-FLOAT_METHODS = ("coop", "zeroshot")
 
 
 def slug(text: Any) -> str:
@@ -84,7 +85,7 @@ class RunIdentity:
 
 def _bits(model: Mapping[str, Any]) -> str:
     method = model.get("method", "p4q")
-    if method in FLOAT_METHODS:
+    if method in METHODS and not METHODS[method].quantized:
         return "fp32"
     quant = model.get("quant", "w8a8")
     name = quant.get("name", "custom") if isinstance(quant, Mapping) else quant

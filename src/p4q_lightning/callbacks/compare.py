@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from p4q_lightning.callbacks.export import run_dir
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
+from p4q_lightning.methods import METHODS, traits
 from p4q_lightning.model.text_encoder import template_text_features
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
@@ -130,8 +131,8 @@ class ComparisonCallback(Callback):
     ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[str]]:
         """Top-1/top-5 of every method on ``loader`` plus the similarity matrices."""
         method = module.method
-        quantized = method in ("p4q", "ptq")
-        trained = method in ("p4q", "coop")
+        quantized = traits(method).quantized
+        trained = traits(method).trains
         names, templates = module.classnames, module.templates
         text = {
             FP_METHOD: template_text_features(module.teacher, module.tokenizer, names, templates)
@@ -174,7 +175,7 @@ class ComparisonCallback(Callback):
         rows = []
         for m in text:
             label, w_bits, a_bits = _bits(
-                None if m == FP_METHOD or method == "coop" else module.quant_spec
+                None if m == FP_METHOD or not quantized else module.quant_spec
             )
             rows.append(
                 {
@@ -182,7 +183,7 @@ class ComparisonCallback(Callback):
                     "bits": label,
                     "w_bits": w_bits,
                     "a_bits": a_bits,
-                    "shots": data_info.get("shots", 0) if m in ("p4q", "coop") else 0,
+                    "shots": data_info.get("shots", 0) if _trains(m) else 0,
                     "top1": correct[m][0] / total,
                     "top5": correct[m][1] / total,
                     "size_mb": sizes[m] / 1e6,
@@ -216,18 +217,23 @@ class ComparisonCallback(Callback):
                 log_to_wandb(logger.experiment, rows, self.files)
 
 
+def _trains(row_method: str) -> bool:
+    """Whether a comparison row's method was trained (rows also name ``fp32 zero-shot``)."""
+    return row_method in METHODS and METHODS[row_method].trains
+
+
 def _sizes(module: Any) -> dict[str, float]:
     fp = float32_nbytes(module.teacher)
     sizes = {FP_METHOD: fp, "coop": fp}
-    if module.method in ("p4q", "ptq"):
+    if traits(module.method).quantized:
         sizes[PTQ_METHOD] = estimate_lowbit_nbytes(module.student)
         sizes["p4q"] = sizes[PTQ_METHOD] + (
             estimate_lowbit_nbytes(module.adapter) if module.adapter is not None else 0
         )
     learner = getattr(module, "prompt_learner", None)
     if learner is not None:
-        for m in ("p4q", "coop"):
-            if m in sizes:
+        for m in list(sizes):
+            if _trains(m):
                 sizes[m] += learner.ctx.numel() * 4
     return sizes
 

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from p4q_lightning.export.from_module import export_module
 from p4q_lightning.export.writer import ExportReport
+from p4q_lightning.methods import quantized_methods
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class LowBitExportCallback(Callback):
 
     @rank_zero_only
     def export(self, trainer: Trainer, pl_module: LightningModule) -> ExportReport | None:
-        if getattr(pl_module, "method", None) not in ("p4q", "ptq"):
+        if getattr(pl_module, "method", None) not in quantized_methods():
             log.info(
                 "LowBitExportCallback: method %r has no low-bit student; nothing exported",
                 getattr(pl_module, "method", None),

@@ -12,6 +12,7 @@ import torch
 from p4q_lightning.export import adapters
 from p4q_lightning.export.format import ExportMismatchError
 from p4q_lightning.export.writer import ExportReport, export_lowbit
+from p4q_lightning.methods import quantized_methods
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ def export_module(module: Any, path: str | os.PathLike[str], trainer: Any = None
     through the quantized text tower (``p4q``) or the template classifier (``ptq``).
     """
     method = getattr(module, "method", None)
-    if method not in ("p4q", "ptq"):
+    if method not in quantized_methods():
         raise ExportMismatchError(
             f"method={method!r} has no quantized student to export; low-bit export applies to "
-            "method p4q or ptq"
+            f"method {' or '.join(quantized_methods())}"
         )
     if getattr(module, "needs_calibration", False):
         raise ExportMismatchError(

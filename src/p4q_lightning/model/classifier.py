@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p4q_lightning.losses import cosine_logits
+from p4q_lightning.methods import traits
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
 from p4q_lightning.model.text_sharding import gather_sharded
 from p4q_lightning.quant import calibrate as calibrate_student
@@ -123,11 +124,12 @@ class P4QClassifierMixin:
 
         ``sharded``: under DDP, each rank encodes 1/W of the classes and they are gathered
         (a collective: only where every rank calls it, as in the training and eval steps)."""
-        if self.method == "ptq":
+        method = traits(self.method)
+        if not method.trains_prompts and method.quantized:
             if self._student_template_text is None:
                 self._student_template_text = self._templates(self.student)
             return self._student_template_text
-        if self.method == "zeroshot":
+        if not method.trains_prompts:
             return self.teacher_text_features(sharded)
         assert self.prompt_learner is not None, "set_classes() first"
         hp = self.hparams
