@@ -1,4 +1,4 @@
-"""Atomic file writes that honour the umask.
+"""Atomic file writes that honour the umask, and the package's one CSV writer.
 
 ``tempfile.mkstemp`` creates files readable by their owner only (0600); renamed into place they
 would keep that mode, so a feature cache or export shared between users could not be read.
@@ -8,11 +8,13 @@ would keep that mode, so a feature cache or export shared between users could no
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 _UMASK_LOCK = threading.Lock()
 
@@ -44,3 +46,16 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_csv(
+    path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], columns: Sequence[str]
+) -> Path:
+    """Write ``rows`` under a ``columns`` header, atomically (a reader sees the old file or the
+    whole new one); keys outside ``columns`` are left out. Returns ``path``."""
+    path = Path(path)
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

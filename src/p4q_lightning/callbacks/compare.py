@@ -10,7 +10,6 @@ W&B to offline mode when it has no key or no network, so a run never hangs on it
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -23,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from p4q_lightning.callbacks.export import run_dir
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
+from p4q_lightning.files import atomic_write, write_csv
 from p4q_lightning.methods import METHODS, traits
 from p4q_lightning.model.text_encoder import template_text_features
 from p4q_lightning.wandb_mode import resolve_wandb_mode
@@ -262,16 +262,14 @@ def write_outputs(
 
     directory.mkdir(parents=True, exist_ok=True)
     files = {"csv": directory / "comparison.csv", "json": directory / "comparison.json"}
-    with files["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(files["csv"], rows, COLUMNS)
     payload = {
         "run": run,
         "rows": rows,
         "similarity": {"labels": labels, **{m: v.tolist() for m, v in matrices.items()}},
     }
-    files["json"].write_text(json.dumps(payload, indent=2))
+    with atomic_write(files["json"]) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
     title = f"{run.get('model')} · {run.get('quant')}"
     files["accuracy"] = accuracy_bars(rows, directory / "accuracy.png", title)
     if matrices:

@@ -12,7 +12,6 @@ result parser reports the same). Writes ``sweep.csv`` (one row per method, bits 
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import logging
@@ -21,6 +20,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from p4q_lightning.files import atomic_write, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,6 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="p4q compare", description=__doc__.splitlines()[0].split(": ", 1)[-1]
@@ -222,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(summary)
-    _write_csv(args.out / "sweep.csv", rows, RAW_COLUMNS)
-    _write_csv(args.out / "summary.csv", summary, SUMMARY_COLUMNS)
-    (args.out / "summary.md").write_text(table)
+    write_csv(args.out / "sweep.csv", rows, RAW_COLUMNS)
+    write_csv(args.out / "summary.csv", summary, SUMMARY_COLUMNS)
+    with atomic_write(args.out / "summary.md") as tmp:
+        tmp.write_text(table)
     from p4q_lightning.plots import accuracy_vs_bits_and_shots
 
     accuracy_vs_bits_and_shots(summary, args.out / "sweep.png")

@@ -10,7 +10,6 @@ rows of one table. ``--seed`` sets the world, the few-shot split and the trainin
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -20,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from p4q_lightning.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def run_demo(
             similarity = {_matrix_title(m, quant): v.numpy() for m, v in matrices.items()}
     table = [rows[key] for key in ROW_ORDER if key in rows]
     csv_path, png_path = out / "demo_results.csv", out / "demo_results.png"
-    _write_csv(csv_path, table)
+    write_csv(csv_path, table, COLUMNS)
     demo_figure(table, similarity, labels, png_path, title=f"synthetic world {seed}: top-1 / top-5")
     _log_to_wandb(seed, out, table, png_path)
     return DemoResult(table, csv_path, png_path)
@@ -153,15 +154,6 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise SystemExit(f"p4q demo: cannot write to {out} ({err}); pass --out DIR") from None
-
-
-def _write_csv(path: Path, table: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-    os.replace(tmp, path)
 
 
 def _finish_wandb_run() -> None:

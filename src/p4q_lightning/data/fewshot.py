@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from p4q_lightning.data.sources import ImageSource
+from p4q_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,8 @@ def split_path(split_dir: str | os.PathLike[str], dataset: str, shots: int, seed
 def write_split(path: Path, split: dict[str, Any]) -> None:
     """Write atomically (temp file + rename), so a reader never sees a half-written split."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(split))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(split))
 
 
 def read_split(path: Path, source: ImageSource, shots: int, seed: int) -> dict[str, Any]:
