@@ -82,8 +82,8 @@ def main() -> None:
     images = torch.randn(args.batch, 3, size, size, generator=gen)
     labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
     cached = {
-        "student": module._student_features(images),
-        "teacher": module._teacher_features(images),
+        "student": module.student_image_features(images),
+        "teacher": module.teacher_image_features(images),
         "label": labels,
     }
     live_batch = (images, labels)

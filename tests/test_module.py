@@ -213,12 +213,12 @@ def test_cached_features_equal_live_features(world):
     module = make_module(world)
     module.set_classes(dm.classnames, dm.templates)
     module.calibrate(dm.calibration_dataloader(), progress=False)
-    encoders = {"student": module._student_features, "teacher": module._teacher_features}
+    encoders = {"student": module.student_image_features, "teacher": module.teacher_image_features}
     cache = build_feature_cache(dm.train_dataset, encoders, views=3, batch_size=5, progress=False)
     assert cache.features["student"].shape == (3, 32, 32)
     images, labels = next(iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=32)))
-    torch.testing.assert_close(cache.features["student"][1], module._student_features(images))
-    torch.testing.assert_close(cache.features["teacher"][2], module._teacher_features(images))
+    torch.testing.assert_close(cache.features["student"][1], module.student_image_features(images))
+    torch.testing.assert_close(cache.features["teacher"][2], module.teacher_image_features(images))
     assert torch.equal(cache.labels, labels)
     ds = CachedFeatureDataset(cache)
     seen = set()

@@ -162,6 +162,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         self.register_buffer("_student_template_text", None, persistent=False)
         self._eval_text: torch.Tensor | None = None
         self._train_source: TrainFeatureSource | None = None
+        self._teacher_checksum: float | None = None
         self._trained = False  # set by a fit or a loaded checkpoint / state dict
         if classnames:
             self.set_classes(classnames, templates)
@@ -320,8 +321,8 @@ class P4QModule(P4QClassifierMixin, LightningModule):
                 batch["label"],
             )
         images, labels = batch[0], batch[1]
-        teacher = self._teacher_features(images) if self.distills else None
-        return self._student_features(images), teacher, labels
+        teacher = self.teacher_image_features(images) if self.distills else None
+        return self.student_image_features(images), teacher, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if _is_empty(batch):
@@ -356,7 +357,7 @@ class P4QModule(P4QClassifierMixin, LightningModule):
         return parts["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._invalidate_text()  # the prompt changed
+        self.invalidate_text()  # the prompt changed
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
                 self.log(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +23,8 @@ def register_model_config(path: str) -> str:
         raise FileNotFoundError(
             f"model_config {path!r} is not an open_clip model-config .json file"
         )
-    if (
-        config.stem not in open_clip.list_models()
-        or config not in open_clip.factory._MODEL_CONFIG_PATHS
-    ):
+    # (re-)register unless open_clip already holds exactly this config under that name
+    if open_clip.get_model_config(config.stem) != json.loads(config.read_text()):
         open_clip.add_model_config(config)
     return config.stem
 

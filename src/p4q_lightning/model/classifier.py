@@ -17,6 +17,7 @@ from torch import nn
 
 from p4q_lightning.losses import cosine_logits
 from p4q_lightning.methods import traits
+from p4q_lightning.model.build import weight_fingerprint
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
 from p4q_lightning.model.text_sharding import gather_sharded
 from p4q_lightning.quant import calibrate as calibrate_student
@@ -94,9 +95,9 @@ class P4QClassifierMixin:
             self.prompt_learner.set_token_embedding(TextTower(self.student).token_embedding)
         if self.adapter is not None and not self.adapter.is_calibrated:
             self.adapter.calibrate(
-                self._student_features(x) for x in _take(images, adapter_batches)
+                self.student_image_features(x) for x in _take(images, adapter_batches)
             )
-        self._invalidate_text()
+        self.invalidate_text()
         return stats
 
     # ------------------------------------------------------------------ features and logits
@@ -108,11 +109,14 @@ class P4QClassifierMixin:
         return float(self.teacher.logit_scale.detach().exp())
 
     @torch.no_grad()
-    def _student_features(self, images: torch.Tensor) -> torch.Tensor:
+    def student_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's image embeddings [B, D] before the adapter (what the feature cache
+        stores)."""
         return self.student.encode_image(images.to(self.device)).float()
 
     @torch.no_grad()
-    def _teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+    def teacher_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The float teacher's image embeddings [B, D] (the distillation target)."""
         return self.teacher.encode_image(images.to(self.device)).float()
 
     def _adapt(self, features: torch.Tensor) -> torch.Tensor:
@@ -186,18 +190,29 @@ class P4QClassifierMixin:
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
         text = self._eval_text if self._eval_text is not None else self.student_text_features()
-        return cosine_logits(self._adapt(self._student_features(images)), text, self.logit_scale)
+        features = self._adapt(self.student_image_features(images))
+        return cosine_logits(features, text, self.logit_scale)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Float teacher logits [B, n_cls] with its classifier (``teacher_text``)."""
         return cosine_logits(
-            self._teacher_features(images), self.teacher_text_features(), self.logit_scale
+            self.teacher_image_features(images), self.teacher_text_features(), self.logit_scale
         )
 
-    def _invalidate_text(self) -> None:
+    def invalidate_text(self) -> None:
+        """Forget the cached class embeddings: call after the prompt, student or classes
+        change (each optimiser step, a loaded checkpoint, calibration)."""
         self._eval_text = None
         self._student_template_text = None
+
+
+    def teacher_fingerprint(self) -> float:
+        """A checksum of the teacher's weights (computed once): a checkpoint records it so that
+        loading it onto other CLIP weights is refused."""
+        if self._teacher_checksum is None:
+            self._teacher_checksum = weight_fingerprint(self.teacher)
+        return self._teacher_checksum
 
 
 def _take(images: Iterable[Any] | torch.Tensor, n: int) -> Iterable[torch.Tensor]:

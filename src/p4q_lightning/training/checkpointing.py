@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from torch.nn.modules.module import _IncompatibleKeys
 
-from p4q_lightning.model.build import weight_fingerprint
 from p4q_lightning.quant import (
     ActivationQuantizer,
     Log2Quantizer,
@@ -95,22 +94,14 @@ def after_load(module: P4QModule) -> None:
         from p4q_lightning.model.text_encoder import TextTower
 
         module.prompt_learner.set_token_embedding(TextTower(module.student).token_embedding)
-    module._invalidate_text()
-
-
-def teacher_fingerprint(module: P4QModule) -> float:
-    cached = getattr(module, "_fingerprint", None)
-    if cached is None:
-        cached = weight_fingerprint(module.teacher)
-        module._fingerprint = cached
-    return cached
+    module.invalidate_text()
 
 
 def save_metadata(module: P4QModule, checkpoint: dict[str, Any]) -> None:
     checkpoint[META_KEY] = {
         "classnames": list(module.classnames),
         "templates": list(module.templates),
-        "clip_fingerprint": teacher_fingerprint(module),
+        "clip_fingerprint": module.teacher_fingerprint(),
         "calibrated": bool(is_calibrated(module.student)),
     }
 
@@ -122,7 +113,7 @@ def load_metadata(module: P4QModule, checkpoint: Mapping[str, Any]) -> None:
         return
     saved = meta.get("clip_fingerprint")
     if saved is not None:
-        now = teacher_fingerprint(module)
+        now = module.teacher_fingerprint()
         if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
             hp = module.hparams
             raise ValueError(

@@ -110,9 +110,9 @@ class TrainFeatureSource:
                 "the student must be calibrated before its features are cached: keep the "
                 "CalibrationCallback (added by default) or call module.calibrate(...) before fit"
             )
-        encoders = {"student": module._student_features}
+        encoders = {"student": module.student_image_features}
         if module.distills:
-            encoders["teacher"] = module._teacher_features
+            encoders["teacher"] = module.teacher_image_features
         hp = module.hparams
         seed = seeding.run_seed(0)  # seed_everything's; the same on every rank
         views = int(hp.feature_views)

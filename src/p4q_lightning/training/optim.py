@@ -10,6 +10,7 @@ would need manual optimisation, which counts a step per optimiser).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -168,9 +169,12 @@ def finalize_schedules(module: P4QModule) -> None:
         sched = config.scheduler
         if not isinstance(sched, LambdaLR):
             continue
-        groups = sched.optimizer.param_groups
-        for fn, group, base in zip(sched.lr_lambdas, groups, sched.base_lrs, strict=True):
+        for fn in sched.lr_lambdas:
             if isinstance(fn, WarmupCosine):
                 fn.warmup_steps, fn.total_steps = warmup, int(total)
-                group["lr"] = base * fn(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in groups]
+        # Re-apply the current step's rates through the scheduler's own ``step`` (which also
+        # updates ``get_last_lr()``): one step back, then one forward to the same step.
+        sched.last_epoch -= 1
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            sched.step()
