@@ -44,7 +44,8 @@ def model_preprocess(
     from open_clip.transform import PreprocessCfg
 
     from p4q_lightning.model.build import register_model_config
-    from p4q_lightning.model.clip import SYNTHETIC_PREFIX, register_tiny_clip
+    from p4q_lightning.model.clip import SYNTHETIC_PREFIX
+    from p4q_lightning.model.tiny import register_tiny_clip
 
     if model_config:
         register_model_config(model_config)

@@ -39,10 +39,10 @@ from p4q_lightning.data.synthetic.captions import CaptionConfig, CaptionWriter
 from p4q_lightning.data.synthetic.task import TEMPLATES, ClassSet, generate_split, stream_generator
 from p4q_lightning.data.synthetic.world import Scenes, WorldConfig, render, sample_scenes
 from p4q_lightning.files import atomic_write
-from p4q_lightning.model.clip import TINY_CONFIG_PATH as CONFIG_PATH
-from p4q_lightning.model.clip import TINY_MODEL_NAME as MODEL_NAME
-from p4q_lightning.model.clip import register_tiny_clip
 from p4q_lightning.model.text_encoder import TextTower, template_text_features
+from p4q_lightning.model.tiny import TINY_CONFIG_PATH as CONFIG_PATH
+from p4q_lightning.model.tiny import TINY_MODEL_NAME as MODEL_NAME
+from p4q_lightning.model.tiny import register_tiny_clip
 from p4q_lightning.training.optim import WarmupCosine
 
 log = logging.getLogger(__name__)

@@ -12,23 +12,11 @@ import open_clip
 import torch
 from torch import nn
 
+from p4q_lightning.model.tiny import register_tiny_clip
+
 log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic"
-TINY_MODEL_NAME = "p4q-tiny"
-TINY_CONFIG_PATH = Path(__file__).parent / "configs" / f"{TINY_MODEL_NAME}.json"
-
-
-def register_tiny_clip() -> str:
-    """Register the packaged ``p4q-tiny`` config with open_clip (idempotent); return its name."""
-    if TINY_MODEL_NAME not in open_clip.list_models():
-        if not TINY_CONFIG_PATH.is_file():
-            raise FileNotFoundError(
-                f"{TINY_CONFIG_PATH} is missing: the p4q-tiny config ships as package data; "
-                "reinstall p4q_lightning (pip install -e .) so model/configs/*.json is included"
-            )
-        open_clip.add_model_config(TINY_CONFIG_PATH)
-    return TINY_MODEL_NAME
 
 
 def _check_model_name(name: str) -> None:

@@ -22,15 +22,15 @@ from p4q_lightning.quant import (
     quant_modules,
 )
 
-if TYPE_CHECKING:
-    from p4q_lightning.module import P4QModule
+if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
+    from lightning.pytorch import LightningModule
 
 META_KEY = "p4q"
 QUANTIZER_TYPES = (ActivationQuantizer, WeightQuantizer, Log2Quantizer)
 FROZEN_PREFIXES = ("teacher.", "student.")
 
 
-def kept_student_keys(module: P4QModule) -> set[str]:
+def kept_student_keys(module: LightningModule) -> set[str]:
     """State-dict keys of the student that a rebuild cannot recover: quantizer buffers."""
     if module.student is module.teacher:
         return set()
@@ -45,7 +45,9 @@ def is_rebuildable(key: str, kept: set[str]) -> bool:
     return key.startswith(FROZEN_PREFIXES) and key not in kept
 
 
-def filter_state_dict(module: P4QModule, state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def filter_state_dict(
+    module: LightningModule, state: dict[str, Any], prefix: str = ""
+) -> dict[str, Any]:
     kept = kept_student_keys(module)
     for key in [k for k in state if k.startswith(prefix)]:
         if is_rebuildable(key[len(prefix) :], kept):
@@ -54,7 +56,7 @@ def filter_state_dict(module: P4QModule, state: dict[str, Any], prefix: str = ""
 
 
 def load_state_dict(
-    module: P4QModule,
+    module: LightningModule,
     state: Mapping[str, Any],
     strict: bool,
     assign: bool,
@@ -79,13 +81,13 @@ def load_state_dict(
     return _IncompatibleKeys(missing, unexpected)
 
 
-def _rebuild_student(module: P4QModule) -> None:
+def _rebuild_student(module: LightningModule) -> None:
     from p4q_lightning.quant import quantize
 
     module.student = quantize(module.teacher, module.quant_spec)
 
 
-def after_load(module: P4QModule) -> None:
+def after_load(module: LightningModule) -> None:
     """Put a calibrated student's weights back on the grid; refresh derived caches."""
     if module.student is not module.teacher and is_calibrated(module.student):
         for _, qmod in quant_modules(module.student):
@@ -97,7 +99,7 @@ def after_load(module: P4QModule) -> None:
     module.invalidate_text()
 
 
-def save_metadata(module: P4QModule, checkpoint: dict[str, Any]) -> None:
+def save_metadata(module: LightningModule, checkpoint: dict[str, Any]) -> None:
     checkpoint[META_KEY] = {
         "classnames": list(module.classnames),
         "templates": list(module.templates),
@@ -106,7 +108,7 @@ def save_metadata(module: P4QModule, checkpoint: dict[str, Any]) -> None:
     }
 
 
-def load_metadata(module: P4QModule, checkpoint: Mapping[str, Any]) -> None:
+def load_metadata(module: LightningModule, checkpoint: Mapping[str, Any]) -> None:
     """Check the rebuilt CLIP is the one trained on, and restore the class list."""
     meta = checkpoint.get(META_KEY)
     if not meta:

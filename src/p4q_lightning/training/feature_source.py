@@ -25,8 +25,8 @@ from p4q_lightning.training.feature_cache import (
     load_or_build,
 )
 
-if TYPE_CHECKING:
-    from p4q_lightning.module import P4QModule
+if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
+    from lightning.pytorch import LightningModule
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,13 @@ class _CachedSource(_DataLoaderSource):
 class TrainFeatureSource:
     """Owns the feature cache of one fit and the loader over it."""
 
-    def __init__(self, module: P4QModule) -> None:
+    def __init__(self, module: LightningModule) -> None:
         self.module = module
         self.cache: FeatureCache | None = None
         self.dataset: CachedFeatureDataset | None = None
 
     @classmethod
-    def install(cls, module: P4QModule) -> TrainFeatureSource | None:
+    def install(cls, module: LightningModule) -> TrainFeatureSource | None:
         """Route the trainer's training data through the cache (None if not possible)."""
         fit_loop = module.trainer.fit_loop
         original = getattr(fit_loop, "_data_source", None)

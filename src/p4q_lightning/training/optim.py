@@ -18,8 +18,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-if TYPE_CHECKING:
-    from p4q_lightning.module import P4QModule
+if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
+    from lightning.pytorch import LightningModule
 
 
 class PromptAdapterOptimizer(Optimizer):
@@ -108,7 +108,7 @@ class WarmupCosine:
         return base_lr * self(step)
 
 
-def param_groups(module: P4QModule) -> list[dict[str, Any]]:
+def param_groups(module: LightningModule) -> list[dict[str, Any]]:
     """One group per trainable part, named ``prompt`` and ``adapter``."""
     hp = module.hparams
     groups: list[dict[str, Any]] = []
@@ -137,7 +137,7 @@ def param_groups(module: P4QModule) -> list[dict[str, Any]]:
     return groups
 
 
-def configure(module: P4QModule) -> dict[str, Any]:
+def configure(module: LightningModule) -> dict[str, Any]:
     """The optimiser and its step-wise schedule for the trainable parts of ``module``."""
     groups = param_groups(module)
     if not groups:
@@ -152,7 +152,7 @@ def configure(module: P4QModule) -> dict[str, Any]:
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def finalize_schedules(module: P4QModule) -> None:
+def finalize_schedules(module: LightningModule) -> None:
     """Fill in the schedule lengths once the trainer knows them (at the start of training)."""
     trainer = module.trainer
     total = trainer.estimated_stepping_batches
