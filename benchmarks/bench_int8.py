@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the same random weights every run (agreement depends on the draw)
     model, _, tokenizer = load_clip(args.model, args.pretrained)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
