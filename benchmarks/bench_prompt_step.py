@@ -33,6 +33,7 @@ import warnings
 import open_clip
 import torch
 import torch.nn.functional as F
+from bench_text_memory import saved_bytes
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -111,22 +112,6 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, *args) -> None:  # type: ignore[no-untyped-def]
         self.times.append(time.perf_counter() - self.start)
-
-
-def kept_bytes(fn, exclude: set[int]) -> int:  # type: ignore[no-untyped-def]
-    """Bytes of the unique storages autograd saves while ``fn`` runs, except ``exclude``."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
 
 
 def weight_ptrs(*modules: nn.Module) -> set[int]:
@@ -258,10 +243,10 @@ def main() -> None:
     model, _, _ = open_clip.create_model_and_transforms(args.model, pretrained=None)
     tokenizer = open_clip.get_tokenizer(args.model)
     plain = PlainCoOp(model, tokenizer, names, args.n_ctx)
-    plain_kept = kept_bytes(plain.text_features, weight_ptrs(model))
+    plain_kept = saved_bytes(plain.text_features, weight_ptrs(model))
     module = build_p4q(args, names, size)
     module.train()
-    p4q_kept = kept_bytes(module.student_text_features, weight_ptrs(module))
+    p4q_kept = saved_bytes(module.student_text_features, weight_ptrs(module))
     scale = 1000 / n
     mb = 2**20
     print("\n| kept for backward, 1,000 classes (MB) | plain CoOp | P4Q w4a4 | P4Q / plain |")

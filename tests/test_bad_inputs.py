@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
 
 import tiny_world
 from p4q_lightning import cli
@@ -24,33 +23,8 @@ def _quiet(monkeypatch):
 
 
 def config(world, tmp: Path, model: dict | None = None, data: dict | None = None) -> Path:
-    body = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp),
-            "logger": False,
-        },
-        "model": {
-            "model_name": tiny_world.MODEL_NAME,
-            "pretrained": None,
-            "model_config": str(world["config"]),
-            "quant": "w4a4",
-            "quant_overrides": tiny_world.MINMAX,
-            "n_ctx": 4,
-            "feature_views": 1,
-            **(model or {}),
-        },
-        "data": data
-        or {"class_path": "tiny_world.TinyDataModule", "init_args": {"root": str(world["data"])}},
-    }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return path
+    model = {"quant_overrides": tiny_world.MINMAX, "feature_views": 1, **(model or {})}
+    return tiny_world.cli_config(world, tmp / "config.yaml", model=model, data=data)
 
 
 def folder_data(root: str, **kw) -> dict:

@@ -20,34 +20,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def tiny_config(world, tmp: Path, **trainer) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp),
-            "logger": False,
-            **trainer,
-        },
-        "model": {
-            "model_name": tiny_world.MODEL_NAME,
-            "pretrained": None,
-            "model_config": str(world["config"]),
-            "quant": "w4a4",
-            "n_ctx": 4,
-            "feature_views": 2,
-        },
-        "data": {
-            "class_path": "tiny_world.TinyDataModule",
-            "init_args": {"root": str(world["data"])},
-        },
-    }
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_world.cli_config(world, tmp / "tiny.yaml", trainer, {"feature_views": 2})
 
 
 def test_fit_test_predict_through_the_cli(world, tmp_path, monkeypatch):

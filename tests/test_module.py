@@ -19,18 +19,8 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 def make_module(world, **kw) -> P4QModule:
-    args = dict(
-        model_name=tiny_world.MODEL_NAME,
-        pretrained=None,
-        model_config=str(world["config"]),
-        quant="w4a4",
-        n_ctx=4,
-        prompt_lr=0.05,
-        adapter_lr=0.01,
-        feature_views=2,
-    )
-    args.update(kw)
-    return P4QModule(**args)
+    defaults = {"prompt_lr": 0.05, "adapter_lr": 0.01, "feature_views": 2}
+    return P4QModule(**tiny_world.module_args(world, **{**defaults, **kw}))
 
 
 def make_dm(world, **kw) -> tiny_world.TinyDataModule:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
@@ -43,6 +45,48 @@ CLASSES = {
     "yellow cross": ((230, 210, 30), "cross"),
 }
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def module_args(world: dict, **overrides: Any) -> dict[str, Any]:
+    """``P4QModule`` arguments for the tiny model (w4a4, 4 context vectors), with overrides."""
+    return {
+        "model_name": MODEL_NAME,
+        "pretrained": None,
+        "model_config": str(world["config"]),
+        "quant": "w4a4",
+        "n_ctx": 4,
+        **overrides,
+    }
+
+
+def cli_config(
+    world: dict,
+    path: Path,
+    trainer: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> Path:
+    """Write a LightningCLI YAML that fits the tiny model on the tiny world (CPU, one epoch, no
+    logger, seed 0, run root beside ``path``): ``trainer``/``model`` entries override those
+    defaults, ``data`` replaces the data section."""
+    body = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(path.parent),
+            "logger": False,
+            **(trainer or {}),
+        },
+        "model": module_args(world, **(model or {})),
+        "data": data
+        or {"class_path": "tiny_world.TinyDataModule", "init_args": {"root": str(world["data"])}},
+    }
+    path.write_text(yaml.safe_dump(body))
+    return path
 
 
 def write_model_config(directory: Path) -> Path:

@@ -5,6 +5,7 @@ with like."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import open_clip
@@ -17,6 +18,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_prompt_step
 
 
 def _bench():
+    if str(SCRIPT.parent) not in sys.path:  # the script imports its sibling bench_text_memory
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_prompt_step", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -158,13 +158,7 @@ def test_wrong_shared_prefix_is_refused(towers, tokenizer):
 
 def test_teacher_prompt_features_use_the_shared_prefix(world, spy):
     module = P4QModule(
-        model_name=tiny_world.MODEL_NAME,
-        pretrained=None,
-        model_config=str(world["config"]),
-        quant="w4a4",
-        n_ctx=4,
-        teacher_text="prompt",
-        classnames=NAMES,
+        **tiny_world.module_args(world, teacher_text="prompt", classnames=NAMES),
     )
     module.set_classes(NAMES)
     pl = module.prompt_learner

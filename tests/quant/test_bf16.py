@@ -67,15 +67,13 @@ def test_bf16_autocast_codes_equal_the_float32_codes(recorded_codes):
 def test_bf16_mixed_fit_runs_and_trains_the_prompt(world, tmp_path):
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     module = P4QModule(
-        model_name=tiny_world.MODEL_NAME,
-        pretrained=None,
-        model_config=str(world["config"]),
-        quant="w4a4",
-        n_ctx=4,
-        prompt_lr=0.05,
-        adapter_lr=0.01,
-        feature_views=1,
-        quant_overrides=tiny_world.MINMAX,
+        **tiny_world.module_args(
+            world,
+            prompt_lr=0.05,
+            adapter_lr=0.01,
+            feature_views=1,
+            quant_overrides=tiny_world.MINMAX,
+        )
     )
     dm = tiny_world.TinyDataModule(str(world["data"]))
     trainer = Trainer(

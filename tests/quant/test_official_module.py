@@ -16,14 +16,7 @@ def test_p4q_official_module_calibrates_and_fits(world, tmp_path) -> None:
     seed_everything(0)
     dm = tiny_world.TinyDataModule(str(world["data"]))
     dm.setup()
-    module = P4QModule(
-        model_name=tiny_world.MODEL_NAME,
-        pretrained=None,
-        model_config=str(world["config"]),
-        quant="p4q-official",
-        n_ctx=4,
-        feature_views=1,
-    )
+    module = P4QModule(**tiny_world.module_args(world, quant="p4q-official", feature_views=1))
     module.set_classes(dm.classnames, dm.templates)
     module.calibrate(dm.calibration_dataloader(), progress=False)
     assert not module.needs_calibration

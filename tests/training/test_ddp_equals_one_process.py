@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 import tiny_world
 from p4q_lightning import cli
@@ -24,42 +23,27 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def config(world, tmp: Path, devices: int, batch_size: int, callbacks: list | None = None) -> Path:
-    data = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": devices,
-            "max_epochs": 2,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "enable_checkpointing": False,
-            "num_sanity_val_steps": 0,
-            "limit_val_batches": 0,
-            "default_root_dir": str(tmp / f"devices{devices}"),  # two runs, two run directories
-            "logger": False,
-            "callbacks": callbacks or [],
-        },
-        "model": {
-            "model_name": tiny_world.MODEL_NAME,
-            "pretrained": None,
-            "model_config": str(world["config"]),
-            "quant": "w4a4",
-            "quant_overrides": tiny_world.MINMAX,
-            "n_ctx": 4,
-            "feature_views": 2,
-            "prompt_lr": 0.05,
-            "adapter_lr": 0.01,
-        },
-        "data": {
-            "class_path": "tiny_world.TinyDataModule",
-            "init_args": {"root": str(world["data"]), "batch_size": batch_size},
-        },
+    trainer = {
+        "devices": devices,
+        "max_epochs": 2,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": str(tmp / f"devices{devices}"),  # two runs, two run directories
+        "callbacks": callbacks or [],
+        **({"strategy": "ddp"} if devices > 1 else {}),
     }
-    if devices > 1:
-        data["trainer"]["strategy"] = "ddp"
-    path = tmp / f"fit{devices}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    model = {
+        "quant_overrides": tiny_world.MINMAX,
+        "feature_views": 2,
+        "prompt_lr": 0.05,
+        "adapter_lr": 0.01,
+    }
+    data = {
+        "class_path": "tiny_world.TinyDataModule",
+        "init_args": {"root": str(world["data"]), "batch_size": batch_size},
+    }
+    return tiny_world.cli_config(world, tmp / f"fit{devices}.yaml", trainer, model, data)
 
 
 def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import tiny_world
 from p4q_lightning import cli
@@ -22,43 +21,21 @@ STOP = 2 * STEPS_PER_EPOCH + 1  # in the third epoch; last.ckpt holds the end of
 
 
 def fit_config(world, tmp: Path, callbacks: list | None = None) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 3,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp),
-            "logger": False,
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True},
-                },
-                *(callbacks or []),
-            ],
-        },
-        "model": {
-            "model_name": tiny_world.MODEL_NAME,
-            "pretrained": None,
-            "model_config": str(world["config"]),
-            "quant": "w4a4",
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True},
+    }
+    return tiny_world.cli_config(
+        world,
+        tmp / "fit.yaml",
+        trainer={"max_epochs": 3, "callbacks": [checkpoint, *(callbacks or [])]},
+        model={
             "quant_overrides": tiny_world.MINMAX,
-            "n_ctx": 4,
             "feature_views": 3,
             "prompt_lr": 0.05,
             "adapter_lr": 0.01,
         },
-        "data": {
-            "class_path": "tiny_world.TinyDataModule",
-            "init_args": {"root": str(world["data"])},
-        },
-    }
-    path = tmp / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    )
 
 
 def run(args: list[str]):
