@@ -7,10 +7,10 @@ runs it (feature cache on, shared-prefix text encoding), with the FLOP floor of 
 *Plain CoOp* is written out here as CoOp does it: float open_clip, frozen; the image tower on
 the batch every step; every class prompt ``[SOS] ctx_1..ctx_16 <name> . [EOS]`` padded to the
 full 77 tokens, one text pass over all classes forward and backward; SGD on the context.
-*P4Q* is ``P4QModule(quant='w4a4', feature_views=1)`` inside ``Trainer.fit`` on random images
-(random-weight towers: the same compute as pretrained ones); a callback times each training
-batch (forward, backward, optimiser step). Per class count the plain reps run before and after
-the fit, and the medians (with min-max) of the steady-state steps are compared.
+*P4Q* is ``P4QModule(quant='w4a4', features=FeatureArgs(views=1))`` inside ``Trainer.fit`` on
+random images (random-weight towers: the same compute as pretrained ones); a callback times
+each training batch (forward, backward, optimiser step). Per class count the plain reps run
+before and after the fit, and the medians (with min-max) of the steady-state steps are compared.
 
 Memory is counted device-independently: the bytes autograd keeps for the backward pass of the
 text pass (unique saved storages, frozen weights excluded; the image tower runs without grad in
@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from p4q_lightning.args import FeatureArgs, PromptArgs
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts
 from p4q_lightning.module import P4QModule
 
@@ -135,8 +136,8 @@ def quantized_vs_float(module: P4QModule, reps: int) -> dict[str, tuple[list[flo
     """Text pass forward + backward through the frozen float teacher and the w4a4 student,
     the same prompts, on the full (77 -> longest prompt) and the shared-prefix path,
     interleaved."""
-    pl = module.prompt_learner
-    towers = {"float": module.teacher, "w4a4": module.student}
+    pl = module.classifier.prompt_learner
+    towers = {"float": module.classifier.teacher, "w4a4": module.classifier.student}
     fixed = {k: pl.embed_fixed(TextTower(m).token_embedding) for k, m in towers.items()}
     times: dict[str, tuple[list[float], ...]] = {}
     for path, shared in (("truncated, full path", 0), ("shared prefix", pl.shared_prefix_length)):
@@ -158,13 +159,13 @@ def build_p4q(args, names: list[str], size: int) -> P4QModule:  # type: ignore[n
         None,
         quant="w4a4",
         quant_overrides=MINMAX,
-        n_ctx=args.n_ctx,
-        feature_views=1,
+        prompt=PromptArgs(n_ctx=args.n_ctx),
+        features=FeatureArgs(views=1),
         classnames=names,
         templates=["a photo of a {}."],
     )
     gen = torch.Generator().manual_seed(0)
-    module.calibrate([torch.randn(8, 3, size, size, generator=gen)], progress=False)
+    module.classifier.calibrate([torch.randn(8, 3, size, size, generator=gen)], progress=False)
     return module
 
 
@@ -246,7 +247,7 @@ def main() -> None:
     plain_kept = saved_bytes(plain.text_features, weight_ptrs(model))
     module = build_p4q(args, names, size)
     module.train()
-    p4q_kept = saved_bytes(module.student_text_features, weight_ptrs(module))
+    p4q_kept = saved_bytes(module.classifier.student_text_features, weight_ptrs(module))
     scale = 1000 / n
     mb = 2**20
     print("\n| kept for backward, 1,000 classes (MB) | plain CoOp | P4Q w4a4 | P4Q / plain |")
@@ -261,16 +262,16 @@ def main() -> None:
     module = build_p4q(args, classnames(n), size)
     module.train()
     with FlopCounterMode(display=False) as counter:
-        module.student_text_features().sum().backward()
+        module.classifier.student_text_features().sum().backward()
     flops = counter.get_total_flops()
     rate = matmul_rate()
     text_times = []
     for _ in range(args.reps):
         start = time.perf_counter()
-        module.student_text_features().sum().backward()
+        module.classifier.student_text_features().sum().backward()
         text_times.append(time.perf_counter() - start)
     floor = flops / rate
-    pl = module.prompt_learner
+    pl = module.classifier.prompt_learner
     print(f"\n| P4Q text pass, {n} classes | value |")
     print("|---|---:|")
     print(

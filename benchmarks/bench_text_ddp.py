@@ -35,18 +35,18 @@ def run_rank(rank: int, world_size: int, args: argparse.Namespace, init: str, ou
     names = classnames(args.classes)
     size = 224
     module = build_p4q(args, names, size)
-    ctx = module.prompt_learner.ctx
+    ctx = module.classifier.prompt_learner.ctx
     times, shards = [], []
     for rep in range(args.reps + 1):
         dist.barrier()
         start = time.perf_counter()
-        text = module.student_text_features(sharded=True)
+        text = module.classifier.student_text_features(sharded=True)
         (text @ text.t()).logsumexp(-1).mean().backward()
         dist.all_reduce(ctx.grad)  # what DDP does with the prompt gradient
         ctx.grad = None
         if rep:
             times.append(time.perf_counter() - start)
-        shards.append(module.text_shard)
+        shards.append(module.classifier.text_shard)
     torch.save({"times": times, "shard": shards[-1]}, f"{out}.{rank}")
     dist.destroy_process_group()
 

@@ -54,14 +54,14 @@ def main() -> None:
 
     names = list(open_clip.IMAGENET_CLASSNAMES[: args.classes])
     module = P4QModule(args.model, None, quant=args.preset, classnames=names)
-    module.calibrate([torch.randn(2, 3, 224, 224)], progress=False)
-    pl = module.prompt_learner
+    module.classifier.calibrate([torch.randn(2, 3, 224, 224)], progress=False)
+    pl = module.classifier.prompt_learner
     weights = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
 
     def run(n: int, chunk: int | None, ckpt: bool):  # type: ignore[no-untyped-def]
         # clone: the measured slice must not share storage with all classes' prompts
         return lambda: encode_prompts(
-            module.student, pl()[:n].clone(), pl.eot_index[:n], chunk, ckpt
+            module.classifier.student, pl()[:n].clone(), pl.eot_index[:n], chunk, ckpt
         )
 
     n = min(args.measure, args.classes)

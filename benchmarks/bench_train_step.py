@@ -22,6 +22,7 @@ import time
 import open_clip
 import torch
 
+from p4q_lightning.args import PromptArgs
 from p4q_lightning.losses import cosine_logits, p4q_loss
 from p4q_lightning.module import P4QModule
 from p4q_lightning.training.optim import configure
@@ -30,10 +31,9 @@ from p4q_lightning.training.optim import configure
 def step(module: P4QModule, optimizer: torch.optim.Optimizer, batch) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     student, teacher, labels = module._batch_features(batch)
-    logits = cosine_logits(
-        module._adapt(student), module.student_text_features(), module.logit_scale
-    )
-    t_logits = cosine_logits(teacher, module.teacher_text_features(), module.logit_scale)
+    model = module.classifier
+    logits = cosine_logits(model.adapt(student), model.student_text_features(), model.logit_scale)
+    t_logits = cosine_logits(teacher, model.teacher_text_features(), model.logit_scale)
     loss = p4q_loss(logits, labels, t_logits)["loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -67,23 +67,22 @@ def main() -> None:
         args.pretrained,
         quant=args.preset,
         classnames=names,
-        text_chunk_size=args.chunk or None,
-        text_checkpointing=args.checkpointing,
+        prompt=PromptArgs(chunk_size=args.chunk or None, checkpointing=args.checkpointing),
     )
-    size = module.teacher.visual.image_size
+    size = module.classifier.teacher.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
     gen = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, size, size, generator=gen) for _ in range(2)]
-    module.calibrate(calib, progress=False)
-    module.teacher_text_features()  # computed once per run, not per step
+    module.classifier.calibrate(calib, progress=False)
+    module.classifier.teacher_text_features()  # computed once per run, not per step
     optimizer = configure(module)["optimizer"]
     module.train()
 
     images = torch.randn(args.batch, 3, size, size, generator=gen)
     labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
     cached = {
-        "student": module.student_image_features(images),
-        "teacher": module.teacher_image_features(images),
+        "student": module.classifier.student_image_features(images),
+        "teacher": module.classifier.teacher_image_features(images),
         "label": labels,
     }
     live_batch = (images, labels)
@@ -95,7 +94,7 @@ def main() -> None:
     t_live, t_fast = statistics.median(live), statistics.median(fast)
 
     ckpt = nbytes(module.state_dict()) + nbytes(optimizer.state_dict())
-    full = nbytes(module.teacher.state_dict())
+    full = nbytes(module.classifier.teacher.state_dict())
     print(
         f"| {args.model} {args.preset} | classes {args.classes} | batch {args.batch} "
         f"| threads {torch.get_num_threads()} |"
@@ -103,7 +102,8 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| live step (s) | {t_live:.3f} | cached step (s) | {t_fast:.3f} |")
     print(
-        f"| speedup | {t_live / t_fast:.2f}x | prompt seq len | {module.prompt_learner.seq_len} |"
+        f"| speedup | {t_live / t_fast:.2f}x "
+        f"| prompt seq len | {module.classifier.prompt_learner.seq_len} |"
     )
     print(
         f"| checkpoint (MB) | {ckpt / 2**20:.2f} | float32 state dict (MB) | {full / 2**20:.1f} |"

@@ -32,7 +32,7 @@ def trained_state(module: LightningModule) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().cpu().clone()
         for k, v in module.state_dict().items()
-        if k.startswith(("prompt_learner.", "adapter."))
+        if k.startswith(("classifier.prompt_learner.", "classifier.adapter."))
     }
 
 
@@ -48,7 +48,7 @@ class SaveTrainedState(Callback):
                 {
                     "state": trained_state(pl_module),
                     "global_step": trainer.global_step,
-                    "text_shard": list(getattr(pl_module, "text_shard", (0, 0))),
+                    "text_shard": list(pl_module.classifier.text_shard),
                     "world_size": trainer.world_size,
                     "views_encoded": list(pl_module._train_source.cache.encoded_here),
                 },

@@ -23,7 +23,7 @@ def _quiet(monkeypatch):
 
 
 def config(world, tmp: Path, model: dict | None = None, data: dict | None = None) -> Path:
-    model = {"quant_overrides": tiny_world.MINMAX, "feature_views": 1, **(model or {})}
+    model = {"quant_overrides": tiny_world.MINMAX, "features": {"views": 1}, **(model or {})}
     return tiny_world.cli_config(world, tmp / "config.yaml", model=model, data=data)
 
 
@@ -53,11 +53,11 @@ def one_line_error(capsys) -> str:
 def test_invalid_argument_is_one_line_and_debug_shows_the_traceback(
     world, tmp_path, capsys, monkeypatch
 ):
-    cfg = config(world, tmp_path, model={"feature_views": -1})
+    cfg = config(world, tmp_path, model={"features": {"views": -1}})
     assert cli.main(["fit", "--config", str(cfg)]) == 1
-    assert "feature_views=-1: use 0" in one_line_error(capsys)
+    assert "features.views=-1: use 0" in one_line_error(capsys)
     monkeypatch.setenv("P4Q_DEBUG", "1")
-    with pytest.raises(ValueError, match="feature_views=-1"):
+    with pytest.raises(ValueError, match=r"features\.views=-1"):
         cli.main(["fit", "--config", str(cfg)])
 
 

@@ -12,6 +12,7 @@ import docstring_parser
 import pytest
 
 from p4q_lightning import __version__, cli
+from p4q_lightning.args import GROUPS
 from p4q_lightning.data import FewShotDataModule
 from p4q_lightning.module import P4QModule
 
@@ -54,7 +55,7 @@ def test_no_command_shows_the_overview_and_fails(capsys):
     assert "compare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cls", [P4QModule, FewShotDataModule])
+@pytest.mark.parametrize("cls", [P4QModule, FewShotDataModule, *GROUPS.values()])
 def test_every_argument_has_its_own_docstring_entry(cls):
     """LightningCLI turns each ``name: text`` docstring entry into that argument's help; an entry
     naming several parameters at once gives none of them a help line."""
@@ -68,6 +69,9 @@ def test_fit_help_shows_each_arguments_own_line(capsys):
     with pytest.raises(SystemExit):
         cli.cli_main(["fit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--model.prompt_momentum PROMPT_MOMENTUM SGD momentum of the prompt context." in text
+    assert (
+        "--model.optim.prompt_momentum PROMPT_MOMENTUM SGD momentum of the prompt context." in text
+    )
+    assert "--model.prompt.n_ctx N_CTX number of learned prompt context vectors" in text
     assert "--model.templates+ TEMPLATES override the datamodule's prompt templates" in text
     assert "--run_dir RUN_DIR Directory of this run" in text

@@ -141,8 +141,8 @@ def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
         model_config=str(config),
         quant="w8a8",
         quant_overrides=tiny_world.MINMAX,
-        n_ctx=4,
-        feature_views=1,
+        prompt={"n_ctx": 4},
+        features={"views": 1},
     )
     dm = tiny_world.TinyDataModule(str(data))
     trainer = Trainer(
@@ -166,7 +166,7 @@ def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
     images = torch.stack([dm.val_dataset[i][0] for i in range(8)])
     module.eval()
     with torch.no_grad():
-        ref = module.student_logits(images)
+        ref = module.classifier.student_logits(images)
     got = load_lowbit(out).logits(images)
     assert torch.equal(got.argmax(1), ref.argmax(1))
     assert ((got - ref).abs().max() / ref.abs().max()) <= 1e-4

@@ -19,8 +19,8 @@ from p4q_lightning.commands import demo
 def reduced_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     overrides = [
-        "--model.feature_cache_dir", str(root / "features"),
-        "--model.feature_views", "4",
+        "--model.features.cache_dir", str(root / "features"),
+        "--model.features.views", "4",
         "--trainer.max_epochs", "10",
         "--data.init_args.synthetic_test_per_class", "15",
         "--data.init_args.calib_images", "256",

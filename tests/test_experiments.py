@@ -11,6 +11,7 @@ import yaml
 
 import tiny_world
 from p4q_lightning import cli
+from p4q_lightning.args import GROUPS
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 
@@ -59,8 +60,8 @@ def test_config_parses_and_instantiates_with_a_tiny_model(path, world, tmp_path,
         model_name=tiny_world.MODEL_NAME,
         pretrained=None,
         model_config=str(world["config"]),
-        n_ctx=4,
     )
+    config["model"].setdefault("prompt", {})["n_ctx"] = 4
     config["data"] = {
         "class_path": "tiny_world.TinyDataModule",
         "init_args": {"root": str(world["data"])},
@@ -81,9 +82,16 @@ def test_config_parses_and_instantiates_with_a_tiny_model(path, world, tmp_path,
     assert module.method == model_args.get("method", "p4q")
     assert module.hparams.quant == model_args.get("quant", "w8a8")
     for key, value in model_args.items():
-        if key not in ("model_name", "pretrained", "n_ctx"):
+        if key in ("model_name", "pretrained"):
+            continue
+        if key in GROUPS:  # a nested group: each option given must arrive (n_ctx is the tiny's)
+            for field, v in value.items():
+                if (key, field) != ("prompt", "n_ctx"):
+                    assert module.hparams[key][field] == v, f"{key}.{field}"
+                    assert getattr(getattr(module, f"{key}_args"), field) == v
+        else:
             assert module.hparams[key] == value, key
-    assert (module.student is not module.teacher) == module.traits.quantized
+    assert (module.classifier.student is not module.classifier.teacher) == module.traits.quantized
     assert run.trainer.max_epochs == trainer.get("max_epochs", run.trainer.max_epochs)
 
     if HAS_FEWSHOT:  # the real data section must parse against FewShotDataModule's signature

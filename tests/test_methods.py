@@ -33,12 +33,12 @@ def test_module_follows_the_traits(world, name, tmp_path):
         model_config=str(world["config"]),
         method=name,
         quant="w4a4",
-        n_ctx=2,
+        prompt={"n_ctx": 2},
         classnames=["red circle", "blue square"],
     )
-    assert (module.student is not module.teacher) == t.quantized
-    assert (module.adapter is not None) == t.uses_adapter
-    assert (module.prompt_learner is not None) == t.trains_prompts
+    assert (module.classifier.student is not module.classifier.teacher) == t.quantized
+    assert (module.classifier.adapter is not None) == t.uses_adapter
+    assert (module.classifier.prompt_learner is not None) == t.trains_prompts
     assert module.distills == t.distils
     assert module.traits is t
     assert (_bits({"method": name, "quant": "w4a4"}) == "fp32") == (not t.quantized)

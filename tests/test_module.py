@@ -57,9 +57,9 @@ def test_two_epoch_fit_trains_only_prompts_and_adapter(world, tmp_path):
     dm = make_dm(world)
     module = make_module(world)
     module.set_classes(dm.classnames, dm.templates)
-    module.calibrate(dm.calibration_dataloader(), progress=False)
+    module.classifier.calibrate(dm.calibration_dataloader(), progress=False)
     before = {k: v.detach().clone() for k, v in module.named_parameters()}
-    fresh_teacher = make_module(world, method="zeroshot").teacher.state_dict()
+    fresh_teacher = make_module(world, method="zeroshot").classifier.teacher.state_dict()
     recorder = LossRecorder()
     trainer(tmp_path, max_epochs=2, callbacks=[recorder]).fit(module, dm)
     assert len(recorder.losses) == 8
@@ -67,23 +67,23 @@ def test_two_epoch_fit_trains_only_prompts_and_adapter(world, tmp_path):
     assert last < first, recorder.losses
     changed = {k for k, v in module.named_parameters() if not torch.equal(v, before[k])}
     assert changed == {
-        "prompt_learner.ctx",
-        *(f"adapter.{n}" for n, _ in module.adapter.named_parameters()),
+        "classifier.prompt_learner.ctx",
+        *(f"classifier.adapter.{n}" for n, _ in module.classifier.adapter.named_parameters()),
     }
-    for k, v in module.teacher.state_dict().items():
+    for k, v in module.classifier.teacher.state_dict().items():
         assert torch.equal(v, fresh_teacher[k]), k
-    assert all(not p.requires_grad for p in module.teacher.parameters())
-    assert all(not p.requires_grad for p in module.student.parameters())
+    assert all(not p.requires_grad for p in module.classifier.teacher.parameters())
+    assert all(not p.requires_grad for p in module.classifier.student.parameters())
 
 
 def test_only_prompts_and_adapter_require_grad(world):
     module = make_module(world, classnames=["a", "b"])
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {
-        "prompt_learner.ctx",
-        *(f"adapter.{n}" for n, _ in module.adapter.named_parameters()),
+        "classifier.prompt_learner.ctx",
+        *(f"classifier.adapter.{n}" for n, _ in module.classifier.adapter.named_parameters()),
     }
-    module.teacher.visual.proj.requires_grad_(True)
+    module.classifier.teacher.visual.proj.requires_grad_(True)
     with pytest.raises(RuntimeError, match="only prompt and adapter"):
         module._check_trainable()
 
@@ -104,16 +104,17 @@ def test_checkpoint_holds_no_frozen_clip_weights(fitted):
     module, path, _ = fitted
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     keys = list(ckpt["state_dict"])
-    assert "prompt_learner.ctx" in keys and any(k.startswith("adapter.") for k in keys)
-    assert not any(k.startswith("teacher.") for k in keys)
-    student = [k for k in keys if k.startswith("student.")]
+    assert "classifier.prompt_learner.ctx" in keys
+    assert any(k.startswith("classifier.adapter.") for k in keys)
+    assert not any(k.startswith("classifier.teacher.") for k in keys)
+    student = [k for k in keys if k.startswith("classifier.student.")]
     assert student and all("quantizer." in k for k in student)
     assert ckpt["hyper_parameters"]["model_name"] == tiny_world.MODEL_NAME
-    assert ckpt["p4q"]["classnames"] == module.classnames
+    assert ckpt["p4q"]["classnames"] == module.classifier.classnames
     assert len(ckpt["optimizer_states"]) == 1 and len(ckpt["lr_schedulers"]) == 1
     groups = ckpt["optimizer_states"][0]["param_groups"]
     assert [g["name"] for g in groups] == ["prompt", "adapter"]
-    full = sum(v.numel() for v in module.teacher.state_dict().values())
+    full = sum(v.numel() for v in module.classifier.teacher.state_dict().values())
     saved = sum(v.numel() for v in ckpt["state_dict"].values())
     assert saved < 0.1 * full
 
@@ -122,21 +123,23 @@ def test_load_from_checkpoint_gives_identical_logits(fitted):
     module, path, dm = fitted
     images = next(iter(dm.val_dataloader()))[0]
     module.eval()
-    want = module.student_logits(images)
+    want = module.classifier.student_logits(images)
     restored = P4QModule.load_from_checkpoint(path).eval()
-    assert not restored.needs_calibration
-    assert torch.equal(restored.student_logits(images), want)
-    assert torch.equal(restored.teacher_logits(images), module.teacher_logits(images))
+    assert not restored.classifier.needs_calibration
+    assert torch.equal(restored.classifier.student_logits(images), want)
+    assert torch.equal(
+        restored.classifier.teacher_logits(images), module.classifier.teacher_logits(images)
+    )
 
 
 def test_trainer_restores_into_a_fresh_module(world, fitted, tmp_path):
     module, path, dm = fitted
     images = next(iter(dm.val_dataloader()))[0]
-    want = module.eval().student_logits(images)
+    want = module.eval().classifier.student_logits(images)
     fresh = make_module(world)
     results = trainer(tmp_path).validate(fresh, dm, ckpt_path=str(path), verbose=False)
     assert "val/top1" in results[0] and "val/top5" in results[0]
-    assert torch.equal(fresh.eval().student_logits(images), want)
+    assert torch.equal(fresh.eval().classifier.student_logits(images), want)
     # resume training continues from the saved step and optimizer state
     resumed = make_module(world)
     t = trainer(tmp_path, max_epochs=2)
@@ -149,8 +152,8 @@ def test_learned_prompt_transfers_to_another_class_list(fitted):
     restored = P4QModule.load_from_checkpoint(path).eval()
     restored.set_classes(["purple star", "orange ring", "red circle"])
     images = next(iter(dm.val_dataloader()))[0]
-    assert restored.student_logits(images).shape == (images.shape[0], 3)
-    assert torch.equal(restored.prompt_learner.ctx, module.prompt_learner.ctx)
+    assert restored.classifier.student_logits(images).shape == (images.shape[0], 3)
+    assert torch.equal(restored.classifier.prompt_learner.ctx, module.classifier.prompt_learner.ctx)
 
 
 def test_checkpoint_of_other_weights_is_refused(world, fitted):
@@ -167,7 +170,10 @@ def test_baseline_methods_run_end_to_end(world, tmp_path, method):
     t = trainer(tmp_path, max_epochs=1)
     if METHODS[method].trains:
         t.fit(module, dm)
-        assert module.adapter is None and module.student is module.teacher
+        assert (
+            module.classifier.adapter is None
+            and module.classifier.student is module.classifier.teacher
+        )
     else:
         with pytest.raises(ValueError, match="nothing to train"):
             t.fit(module, dm)
@@ -175,10 +181,14 @@ def test_baseline_methods_run_end_to_end(world, tmp_path, method):
     assert 0.0 <= result["test/top1"] <= result["test/top5"] <= 1.0
     images = next(iter(dm.val_dataloader()))[0]
     if method == "zeroshot":
-        assert torch.allclose(module.student_logits(images), module.teacher_logits(images))
+        assert torch.allclose(
+            module.classifier.student_logits(images), module.classifier.teacher_logits(images)
+        )
     if method == "ptq":
-        assert not module.needs_calibration
-        assert not torch.allclose(module.student_logits(images), module.teacher_logits(images))
+        assert not module.classifier.needs_calibration
+        assert not torch.allclose(
+            module.classifier.student_logits(images), module.classifier.teacher_logits(images)
+        )
 
 
 def test_calibration_callback_is_added_once_and_skips_a_calibrated_student(world, tmp_path):
@@ -202,13 +212,20 @@ def test_cached_features_equal_live_features(world):
     dm.train_dataset.transform = dm.eval_tf  # deterministic views
     module = make_module(world)
     module.set_classes(dm.classnames, dm.templates)
-    module.calibrate(dm.calibration_dataloader(), progress=False)
-    encoders = {"student": module.student_image_features, "teacher": module.teacher_image_features}
+    module.classifier.calibrate(dm.calibration_dataloader(), progress=False)
+    encoders = {
+        "student": module.classifier.student_image_features,
+        "teacher": module.classifier.teacher_image_features,
+    }
     cache = build_feature_cache(dm.train_dataset, encoders, views=3, batch_size=5, progress=False)
     assert cache.features["student"].shape == (3, 32, 32)
     images, labels = next(iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=32)))
-    torch.testing.assert_close(cache.features["student"][1], module.student_image_features(images))
-    torch.testing.assert_close(cache.features["teacher"][2], module.teacher_image_features(images))
+    torch.testing.assert_close(
+        cache.features["student"][1], module.classifier.student_image_features(images)
+    )
+    torch.testing.assert_close(
+        cache.features["teacher"][2], module.classifier.teacher_image_features(images)
+    )
     assert torch.equal(cache.labels, labels)
     ds = CachedFeatureDataset(cache)
     seen = set()
@@ -269,7 +286,7 @@ def test_vit_b32_checkpoint_is_a_few_megabytes():
         quant="w8a8",
         classnames=list(open_clip.IMAGENET_CLASSNAMES[:10]),
     )
-    module.calibrate([torch.randn(4, 3, 224, 224)], progress=False)
+    module.classifier.calibrate([torch.randn(4, 3, 224, 224)], progress=False)
     buf = io.BytesIO()
     torch.save(module.state_dict(), buf)
     assert buf.tell() < 8 * 2**20  # vs ~577 MB for the float32 state dict
@@ -292,7 +309,10 @@ def test_with_the_real_few_shot_datamodule_on_an_image_folder(world, tmp_path):
     )
     module = make_module(world)
     trainer(tmp_path, max_epochs=1).fit(module, dm)
-    assert module.classnames == dm.classnames and module.templates == dm.templates
-    assert not module.needs_calibration
+    assert (
+        module.classifier.classnames == dm.classnames
+        and module.classifier.templates == dm.templates
+    )
+    assert not module.classifier.needs_calibration
     result = trainer(tmp_path).test(module, dm, verbose=False)[0]
     assert 0.0 <= result["test/top1"] <= 1.0

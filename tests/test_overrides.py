@@ -50,8 +50,8 @@ def _config(world, tmp_path):
             "model_config": str(world["config"]),
             "quant": "w8a8",
             "quant_overrides": tiny_world.MINMAX,
-            "n_ctx": 2,
-            "feature_views": 1,
+            "prompt": {"n_ctx": 2},
+            "features": {"views": 1},
         },
         "data": {
             "class_path": "p4q_lightning.data.FewShotDataModule",
@@ -80,5 +80,5 @@ def test_shared_argument_overrides_from_the_command_line(world, tmp_path, monkey
     fit = cli.cli_main(
         ["fit", "--config", _config(world, tmp_path), f"--{side}.{name}", str(value)]
     )
-    assert getattr(fit.model, name) == value  # the module ran with the overridden value
+    assert getattr(fit.model.classifier, name) == value  # the module ran with the overridden value
     assert fit.trainer.state.finished

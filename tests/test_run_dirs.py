@@ -148,13 +148,13 @@ def test_predict_writes_top5_predictions_into_the_run_directory(world, tmp_path,
         rows = list(csv.DictReader(f))
     dataset = pred.trainer.predict_dataloaders.dataset
     assert len(rows) == len(dataset)
-    k = min(5, len(pred.model.classnames))
+    k = min(5, len(pred.model.classifier.classnames))
     assert list(rows[0]) == ["image", "target"] + [f"pred_{i}" for i in range(1, k + 1)] + [
         f"score_{i}" for i in range(1, k + 1)
     ]
     assert rows[0]["image"] == str(dataset.samples[0][0])  # an image file, not a position
     logits = torch.cat([p["logits"] for p in pred.trainer.predict_loop.predictions])
-    names = pred.model.classnames
+    names = pred.model.classifier.classnames
     assert [r["pred_1"] for r in rows] == [names[i] for i in logits.argmax(-1).tolist()]
     for r in rows:
         scores = [float(r[f"score_{i}"]) for i in range(1, k + 1)]

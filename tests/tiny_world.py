@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
+from p4q_lightning.args import group_flat_hparams
+
 MODEL_NAME = "tiny-test-vit"
 # min-max activation ranges: fast calibration (OMSE's shrink search is what makes it slow)
 MINMAX = {
@@ -48,15 +50,20 @@ MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.2757
 
 
 def module_args(world: dict, **overrides: Any) -> dict[str, Any]:
-    """``P4QModule`` arguments for the tiny model (w4a4, 4 context vectors), with overrides."""
-    return {
-        "model_name": MODEL_NAME,
-        "pretrained": None,
-        "model_config": str(world["config"]),
-        "quant": "w4a4",
-        "n_ctx": 4,
-        **overrides,
-    }
+    """``P4QModule`` arguments for the tiny model (w4a4, 4 context vectors), with overrides.
+
+    Grouped options may be given by their flat names (``n_ctx=2``, ``feature_views=0``); they
+    go into their group (``prompt``, ``features``...) as in :func:`group_flat_hparams`."""
+    return group_flat_hparams(
+        {
+            "model_name": MODEL_NAME,
+            "pretrained": None,
+            "model_config": str(world["config"]),
+            "quant": "w4a4",
+            "prompt": {"n_ctx": 4},
+            **overrides,
+        }
+    )
 
 
 def cli_config(

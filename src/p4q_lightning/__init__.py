@@ -18,6 +18,7 @@ _LAZY = {
     "is_calibrated": "p4q_lightning.quant",
     "quantize": "p4q_lightning.quant",
     "P4QModule": "p4q_lightning.module",
+    "P4QClassifier": "p4q_lightning.model.classifier",
     "FewShotDataModule": "p4q_lightning.data",
     "load_lowbit": "p4q_lightning.export",
 }
@@ -25,6 +26,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from p4q_lightning.data import FewShotDataModule
     from p4q_lightning.export import load_lowbit
+    from p4q_lightning.model.classifier import P4QClassifier
     from p4q_lightning.model.clip import load_clip
     from p4q_lightning.module import P4QModule
     from p4q_lightning.quant import QuantSpec, calibrate, get_spec, is_calibrated, quantize
@@ -40,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "FewShotDataModule",
+    "P4QClassifier",
     "P4QModule",
     "QuantSpec",
     "calibrate",

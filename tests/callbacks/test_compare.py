@@ -26,8 +26,8 @@ def fitted(tmp_path_factory):
         model_config=str(config),
         quant="w4a4",
         quant_overrides=tiny_world.MINMAX,
-        n_ctx=4,
-        feature_views=1,
+        prompt={"n_ctx": 4},
+        features={"views": 1},
     )
     dm = tiny_world.TinyDataModule(str(data), batch_size=4)
     _trainer(root, [], False).fit(module, datamodule=dm)

@@ -17,10 +17,9 @@ def make_module(world, **kw) -> P4QModule:
         model_config=str(world["config"]),
         quant="w4a4",
         quant_overrides=tiny_world.MINMAX,
-        n_ctx=4,
-        prompt_lr=0.05,
-        adapter_lr=0.01,
-        feature_views=1,
+        prompt={"n_ctx": 4},
+        optim={"prompt_lr": 0.05, "adapter_lr": 0.01},
+        features={"views": 1},
     )
     args.update(kw)
     return P4QModule(**args)
@@ -52,19 +51,19 @@ def test_export_after_fit_loads_with_equal_logits(world, tmp_path) -> None:
     images = torch.stack([dm.val_dataset[i][0] for i in range(len(dm.val_dataset))])
     module.eval()
     with torch.no_grad():
-        ref = module.student_logits(images)
+        ref = module.classifier.student_logits(images)
     out = loaded.logits(images)
     assert torch.equal(out.argmax(1), ref.argmax(1))
     assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-4
-    assert loaded.classnames == module.classnames
-    assert torch.equal(loaded.prompt_ctx, module.prompt_learner.ctx.detach())
+    assert loaded.classnames == module.classifier.classnames
+    assert torch.equal(loaded.prompt_ctx, module.classifier.prompt_learner.ctx.detach())
     _, info = read_container(path)
     assert info["extra"]["method"] == "p4q" and info["adapter"]["kind"] == "low_bit_adapter"
     assert info["model"]["config"]["vision_cfg"]["width"] == 64
 
 
 def test_float_methods_are_skipped(world, tmp_path) -> None:
-    module = make_module(world, method="coop", n_ctx=2)
+    module = make_module(world, method="coop", prompt={"n_ctx": 2})
     cb = LowBitExportCallback(dirpath=str(tmp_path / "out"))
     _trainer(tmp_path, [cb]).fit(module, datamodule=tiny_world.TinyDataModule(str(world["data"])))
     assert cb.report is None and not (tmp_path / "out").exists()

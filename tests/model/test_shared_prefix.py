@@ -161,11 +161,11 @@ def test_teacher_prompt_features_use_the_shared_prefix(world, spy):
         **tiny_world.module_args(world, teacher_text="prompt", classnames=NAMES),
     )
     module.set_classes(NAMES)
-    pl = module.prompt_learner
-    got = module.teacher_text_features()
+    pl = module.classifier.prompt_learner
+    got = module.classifier.teacher_text_features()
     assert spy["prefix"] == 1
-    fixed = pl.embed_fixed(TextTower(module.teacher).token_embedding)
-    want = encode_prompts(module.teacher, pl(fixed), pl.eot_index)
+    fixed = pl.embed_fixed(TextTower(module.classifier.teacher).token_embedding)
+    want = encode_prompts(module.classifier.teacher, pl(fixed), pl.eot_index)
     want = torch.nn.functional.normalize(want, dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

@@ -92,7 +92,7 @@ def test_bf16_mixed_fit_runs_and_trains_the_prompt(world, tmp_path):
     start = StartContext()
     trainer.callbacks.append(start)
     trainer.fit(module, datamodule=dm)
-    ctx = module.prompt_learner.ctx
+    ctx = module.classifier.prompt_learner.ctx
     assert ctx.dtype == torch.float32 and torch.isfinite(ctx).all()
     assert not torch.equal(ctx.detach(), start.ctx), "the prompt did not train under bf16-mixed"
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -102,4 +102,4 @@ class StartContext(Callback):
     """The learned context as training starts (the prompt learner exists only after setup)."""
 
     def on_train_start(self, trainer, module) -> None:
-        self.ctx = module.prompt_learner.ctx.detach().clone()
+        self.ctx = module.classifier.prompt_learner.ctx.detach().clone()

@@ -18,11 +18,11 @@ def test_p4q_official_module_calibrates_and_fits(world, tmp_path) -> None:
     dm.setup()
     module = P4QModule(**tiny_world.module_args(world, quant="p4q-official", feature_views=1))
     module.set_classes(dm.classnames, dm.templates)
-    module.calibrate(dm.calibration_dataloader(), progress=False)
-    assert not module.needs_calibration
-    assert module.student.visual.conv1.input_quantizer.scale.shape == (3,)
-    fc1 = module.adapter.fc1.input_quantizer
-    assert fc1.per_channel and fc1.scale.shape == (module.adapter.dim,)
+    module.classifier.calibrate(dm.calibration_dataloader(), progress=False)
+    assert not module.classifier.needs_calibration
+    assert module.classifier.student.visual.conv1.input_quantizer.scale.shape == (3,)
+    fc1 = module.classifier.adapter.fc1.input_quantizer
+    assert fc1.per_channel and fc1.scale.shape == (module.classifier.adapter.dim,)
     trainer = Trainer(
         max_epochs=1,
         accelerator="cpu",

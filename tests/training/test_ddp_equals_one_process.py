@@ -70,10 +70,10 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
     state = trained_state(single.model)
     assert ddp_result["global_step"] == single.trainer.global_step == 4  # 32 images / 16 x 2
     # each rank encoded half of the classes' prompts (class-sharded text), one process all
-    n_cls = len(single.model.classnames)
+    n_cls = len(single.model.classifier.classnames)
     assert ddp_result["world_size"] == 2
     assert ddp_result["text_shard"] == [0, (n_cls + 1) // 2]
-    assert tuple(single.model.text_shard) == (0, n_cls)
+    assert tuple(single.model.classifier.text_shard) == (0, n_cls)
     # the feature cache was built once: rank 0 encoded view 0, rank 1 view 1 (broadcast)
     assert ddp_result["views_encoded"] == [0]
     assert single.model._train_source.cache.encoded_here == (0, 1)

@@ -71,17 +71,18 @@ class CalibrationCallback(Callback):
         self.calibrate(trainer, pl_module)
 
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not getattr(pl_module, "needs_calibration", False):
+        model = getattr(pl_module, "classifier", None)  # a P4QClassifier (P4QModule has one)
+        if model is None or not model.needs_calibration:
             return
         images = self._calibration_images(trainer)
         start = time.perf_counter()
-        stats = pl_module.calibrate(
+        stats = model.calibrate(
             images,
-            pl_module.calibration_texts(self.max_texts),
+            model.calibration_texts(self.max_texts),
             progress=self.progress and trainer.is_global_zero,
         )
         self.seconds = time.perf_counter() - start
-        self.stats = group_statistics(stats, pl_module.student) if stats else {}
+        self.stats = group_statistics(stats, model.student) if stats else {}
         self._log(trainer)
 
     @staticmethod
@@ -92,7 +93,7 @@ class CalibrationCallback(Callback):
             raise RuntimeError(
                 "the quantized student needs calibration images: use a datamodule with a "
                 "calibration_dataloader() (e.g. FewShotDataModule), or call "
-                "module.calibrate(images, texts) yourself before running the trainer"
+                "module.classifier.calibrate(images, texts) yourself before running the trainer"
             )
         return NonEmptyBatches(make())
 

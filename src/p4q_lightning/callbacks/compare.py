@@ -23,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from p4q_lightning.callbacks.export import run_dir
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
 from p4q_lightning.files import atomic_write, write_csv
-from p4q_lightning.methods import METHODS, traits
-from p4q_lightning.model.text_encoder import template_text_features
+from p4q_lightning.methods import METHODS
+from p4q_lightning.model.classifier import P4QClassifier
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,16 @@ class ComparisonCallback(Callback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                rows, matrices, labels = self.evaluate(pl_module, loader, _data_info(trainer))
+                rows, matrices, labels = self.evaluate(
+                    pl_module.classifier, loader, _data_info(trainer)
+                )
         finally:
             pl_module.train(was_training)
         self.rows, self.similarity = rows, (matrices, labels)
         out = run_dir(trainer) / self.dirname
-        self.files = write_outputs(out, rows, matrices, labels, _run_info(pl_module, trainer))
+        self.files = write_outputs(
+            out, rows, matrices, labels, _run_info(pl_module.classifier, trainer)
+        )
         self._log(trainer, rows)
         return rows
 
@@ -127,23 +131,17 @@ class ComparisonCallback(Callback):
         return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
 
     def evaluate(
-        self, module: Any, loader: Any, data_info: dict[str, Any]
+        self, model: P4QClassifier, loader: Any, data_info: dict[str, Any]
     ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[str]]:
         """Top-1/top-5 of every method on ``loader`` plus the similarity matrices."""
-        method = module.method
-        quantized = traits(method).quantized
-        trained = traits(method).trains
-        names, templates = module.classnames, module.templates
-        text = {
-            FP_METHOD: template_text_features(module.teacher, module.tokenizer, names, templates)
-        }
+        method = model.method
+        quantized, trained = model.traits.quantized, model.traits.trains
+        names = model.classnames
+        text = {FP_METHOD: model.template_text_features(model.teacher)}
         if quantized:
-            text[PTQ_METHOD] = template_text_features(
-                module.student, module.tokenizer, names, templates
-            )
+            text[PTQ_METHOD] = model.template_text_features(model.student)
         if trained:
-            text[method] = module.student_text_features().detach().float()
-        device = module.device
+            text[method] = model.student_text_features().detach().float()
         correct = {m: [0, 0] for m in text}
         total = 0
         sel_feats: dict[str, list[torch.Tensor]] = {m: [] for m in text}
@@ -152,13 +150,13 @@ class ComparisonCallback(Callback):
         for i, batch in enumerate(loader):
             if self.max_batches is not None and i >= self.max_batches:
                 break
-            images, labels = batch[0].to(device), batch[1].to(device)
-            feats = {FP_METHOD: module.teacher.encode_image(images).float()}
-            student = module.student.encode_image(images).float() if quantized else feats[FP_METHOD]
+            images, labels = batch[0].to(model.device), batch[1].to(model.device)
+            feats = {FP_METHOD: model.teacher_image_features(images)}
+            student = model.student_image_features(images) if quantized else feats[FP_METHOD]
             if quantized:
                 feats[PTQ_METHOD] = student
             if trained:
-                feats[method] = module.adapter(student) if module.adapter is not None else student
+                feats[method] = model.adapt(student)
             pick = self._pick(labels, sel_labels)
             for m, f in feats.items():
                 f = F.normalize(f, dim=-1)
@@ -171,11 +169,11 @@ class ComparisonCallback(Callback):
             total += int(labels.shape[0])
         if total == 0:
             raise RuntimeError("the test loader yielded no batches; nothing to compare")
-        sizes = _sizes(module)
+        sizes = _sizes(model)
         rows = []
         for m in text:
             label, w_bits, a_bits = _bits(
-                None if m == FP_METHOD or not quantized else module.quant_spec
+                None if m == FP_METHOD or not quantized else model.quant_spec
             )
             rows.append(
                 {
@@ -222,15 +220,15 @@ def _trains(row_method: str) -> bool:
     return row_method in METHODS and METHODS[row_method].trains
 
 
-def _sizes(module: Any) -> dict[str, float]:
-    fp = float32_nbytes(module.teacher)
+def _sizes(model: P4QClassifier) -> dict[str, float]:
+    fp = float32_nbytes(model.teacher)
     sizes = {FP_METHOD: fp, "coop": fp}
-    if traits(module.method).quantized:
-        sizes[PTQ_METHOD] = estimate_lowbit_nbytes(module.student)
+    if model.traits.quantized:
+        sizes[PTQ_METHOD] = estimate_lowbit_nbytes(model.student)
         sizes["p4q"] = sizes[PTQ_METHOD] + (
-            estimate_lowbit_nbytes(module.adapter) if module.adapter is not None else 0
+            estimate_lowbit_nbytes(model.adapter) if model.adapter is not None else 0
         )
-    learner = getattr(module, "prompt_learner", None)
+    learner = model.prompt_learner
     if learner is not None:
         for m in list(sizes):
             if _trains(m):
@@ -238,14 +236,13 @@ def _sizes(module: Any) -> dict[str, float]:
     return sizes
 
 
-def _run_info(module: Any, trainer: Trainer) -> dict[str, Any]:
-    hp = module.hparams
+def _run_info(model: P4QClassifier, trainer: Trainer) -> dict[str, Any]:
     return {
-        "model": hp.get("model_name"),
-        "pretrained": hp.get("pretrained"),
-        "method": module.method,
-        "quant": module.quant_spec.name,
-        "classes": len(module.classnames),
+        "model": model.model_name,
+        "pretrained": model.pretrained,
+        "method": model.method,
+        "quant": model.quant_spec.name,
+        "classes": len(model.classnames),
         **_data_info(trainer),
     }
 

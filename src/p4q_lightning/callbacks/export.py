@@ -64,13 +64,14 @@ class LowBitExportCallback(Callback):
 
     @rank_zero_only
     def export(self, trainer: Trainer, pl_module: LightningModule) -> ExportReport | None:
-        if getattr(pl_module, "method", None) not in quantized_methods():
+        model = getattr(pl_module, "classifier", None)  # a P4QClassifier (P4QModule has one)
+        method = getattr(model, "method", None)
+        if method not in quantized_methods():
             log.info(
-                "LowBitExportCallback: method %r has no low-bit student; nothing exported",
-                getattr(pl_module, "method", None),
+                "LowBitExportCallback: method %r has no low-bit student; nothing exported", method
             )
             return None
-        self.report = export_module(pl_module, self.path(trainer), trainer)
+        self.report = export_module(model, self.path(trainer), trainer)
         metrics: dict[str, Any] = {
             "export/megabytes": self.report.file_bytes / 1e6,
             "export/compression_vs_float32": self.report.ratio,

@@ -50,7 +50,7 @@ class PredictionWriter(BasePredictionWriter):
             name = f"{Path(name).stem}-rank{trainer.global_rank}{Path(name).suffix}"
         self.path = run_dir(trainer) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        k = min(self.top_k, len(pl_module.classnames))
+        k = min(self.top_k, len(pl_module.classifier.classnames))
         self._file = self.path.open("w", newline="")
         self._writer = csv.writer(self._file)
         header = ["image", "target"]
@@ -67,7 +67,7 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        names = pl_module.classnames
+        names = pl_module.classifier.classnames
         k = min(self.top_k, len(names))
         probs = torch.softmax(prediction["logits"].float(), dim=-1)
         scores, top = probs.topk(k, dim=-1)

@@ -62,7 +62,7 @@ def run_args(
         method,
         "--model.quant",
         quant,
-        "--model.feature_cache_dir",
+        "--model.features.cache_dir",
         str(cache_dir() / "features"),
         "--data.init_args.dataset",
         f"synthetic:{seed}",

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -14,8 +15,9 @@ def default_output(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + "-lowbit.safetensors")
 
 
-def check_checkpoint(path: Path) -> None:
-    """Refuse, in one line, a file that is not a Lightning checkpoint of a P4QModule."""
+def check_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents (tensors and plain values only); a file that is not a Lightning
+    checkpoint of a P4QModule is refused in one line."""
     import pickle
 
     import torch
@@ -37,6 +39,22 @@ def check_checkpoint(path: Path) -> None:
             f"{path} is a torch file but not a Lightning checkpoint of a P4QModule (no "
             "state_dict/hyper_parameters); pass the .ckpt file a fit wrote"
         )
+    return ckpt
+
+
+def module_from_checkpoint(ckpt: dict) -> Any:
+    """The P4QModule a checkpoint describes, with its prompt, adapter and ranges loaded.
+
+    Hyperparameters of earlier versions (flat ``n_ctx``, ``prompt_lr``...) are put into their
+    groups; keys Lightning adds (``_instantiator``...) are not arguments."""
+    from p4q_lightning.args import group_flat_hparams
+    from p4q_lightning.module import P4QModule
+
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    module = P4QModule(**group_flat_hparams(hparams))
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from p4q_lightning.export import load_lowbit
     from p4q_lightning.export.format import check_writable
     from p4q_lightning.export.from_module import export_module
-    from p4q_lightning.module import P4QModule
 
     out = (args.out or default_output(args.checkpoint)).expanduser()
     check_writable(out)  # before the minutes a large model takes to rebuild
-    check_checkpoint(args.checkpoint)
-    module = P4QModule.load_from_checkpoint(str(args.checkpoint), map_location="cpu")
+    module = module_from_checkpoint(check_checkpoint(args.checkpoint))
     module.eval()
-    report = export_module(module, out)
+    report = export_module(module.classifier, out)
     sys.stdout.write(
         f"wrote {report.path} ({report.file_bytes / 1e6:.2f} MB; float32 state dict "
         f"{report.float32_bytes / 1e6:.2f} MB, {report.ratio:.2f}x smaller)\n"

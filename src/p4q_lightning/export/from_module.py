@@ -13,24 +13,23 @@ from p4q_lightning.export import adapters
 from p4q_lightning.export.format import ExportMismatchError
 from p4q_lightning.export.writer import ExportReport, export_lowbit
 from p4q_lightning.methods import quantized_methods
+from p4q_lightning.model.classifier import P4QClassifier
 
 log = logging.getLogger(__name__)
 
 
-def adapter_config(module: Any) -> dict[str, Any] | None:
-    """How :func:`load_lowbit` rebuilds the module's adapter: its registered kind (JSON-able)."""
-    adapter = getattr(module, "adapter", None)
-    return None if adapter is None else adapters.describe(adapter)
+def adapter_config(model: P4QClassifier) -> dict[str, Any] | None:
+    """How :func:`load_lowbit` rebuilds the classifier's adapter: its registered kind (JSON)."""
+    return None if model.adapter is None else adapters.describe(model.adapter)
 
 
-def run_extra(module: Any, trainer: Any = None) -> dict[str, Any]:
+def run_extra(model: P4QClassifier, trainer: Any = None) -> dict[str, Any]:
     """Free-form facts about the run stored next to the weights (method, data, shots...)."""
-    hp = module.hparams
     extra: dict[str, Any] = {
-        "method": getattr(module, "method", None),
-        "quant": module.quant_spec.name,
-        "templates": list(getattr(module, "templates", []) or []),
-        "logit_scale": float(module.logit_scale),
+        "method": model.method,
+        "quant": model.quant_spec.name,
+        "templates": list(model.templates),
+        "logit_scale": float(model.logit_scale),
     }
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     for key in ("dataset", "dataset_name", "shots", "seed"):
@@ -42,53 +41,57 @@ def run_extra(module: Any, trainer: Any = None) -> dict[str, Any]:
     if trainer is not None:
         extra["epochs"] = int(trainer.current_epoch)
         extra["global_step"] = int(trainer.global_step)
-    extra["init_seed"] = hp.get("init_seed")
+    extra["init_seed"] = model.init_seed
     return extra
 
 
 @torch.no_grad()
-def export_module(module: Any, path: str | os.PathLike[str], trainer: Any = None) -> ExportReport:
-    """Write ``module``'s calibrated student and classifier head as a low-bit file.
+def export_module(
+    model: P4QClassifier, path: str | os.PathLike[str], trainer: Any = None
+) -> ExportReport:
+    """Write the classifier's calibrated student and classifier head as a low-bit file.
 
     Works for the quantized methods (``p4q``, ``ptq``): the text features are the learned prompt
-    through the quantized text tower (``p4q``) or the template classifier (``ptq``).
+    through the quantized text tower (``p4q``) or the template classifier (``ptq``). ``model``
+    is a :class:`P4QClassifier` (``P4QModule.classifier``); its teacher must have been built from
+    an open_clip name (:meth:`P4QClassifier.build`), which the file records.
     """
-    method = getattr(module, "method", None)
-    if method not in quantized_methods():
+    if not isinstance(model, P4QClassifier):
+        model = getattr(model, "classifier", model)  # a P4QModule: export its classifier
+    if model.method not in quantized_methods():
         raise ExportMismatchError(
-            f"method={method!r} has no quantized student to export; low-bit export applies to "
-            f"method {' or '.join(quantized_methods())}"
+            f"method={model.method!r} has no quantized student to export; low-bit export applies "
+            f"to method {' or '.join(quantized_methods())}"
         )
-    if getattr(module, "needs_calibration", False):
+    if model.needs_calibration:
         raise ExportMismatchError(
             "the student is not calibrated yet: run fit/validate/test with CalibrationCallback "
-            "(added by P4QModule) or call module.calibrate(images) before exporting"
+            "(added by P4QModule) or call classifier.calibrate(images) before exporting"
         )
-    hp = module.hparams
-    name = hp.model_name
-    config = open_clip.get_model_config(name)
-    was_training = module.training
-    module.eval()
+    if model.model_name is None:
+        raise ExportMismatchError(
+            "this classifier was not built from an open_clip model name "
+            "(use P4QClassifier.build), so the file could not name the model to rebuild"
+        )
+    config = open_clip.get_model_config(model.model_name)
+    was_training = model.training
+    model.eval()
     try:
-        text = module.student_text_features().detach().float()
-        ctx = (
-            module.prompt_learner.ctx.detach()
-            if getattr(module, "prompt_learner", None) is not None
-            else None
-        )
+        text = model.student_text_features().detach().float()
+        ctx = model.prompt_learner.ctx.detach() if model.prompt_learner is not None else None
         return export_lowbit(
             path,
-            module.student,
-            model_name=name,
-            pretrained=hp.get("pretrained"),
+            model.student,
+            model_name=model.model_name,
+            pretrained=model.pretrained,
             model_config=config,
-            classnames=list(module.classnames),
+            classnames=list(model.classnames),
             text_features=text,
-            logit_scale=float(module.logit_scale),
+            logit_scale=float(model.logit_scale),
             prompt_ctx=ctx,
-            adapter=module.adapter,
-            adapter_config=adapter_config(module),
-            extra=run_extra(module, trainer),
+            adapter=model.adapter,
+            adapter_config=adapter_config(model),
+            extra=run_extra(model, trainer),
         )
     finally:
-        module.train(was_training)
+        model.train(was_training)

@@ -26,6 +26,8 @@ from p4q_lightning.export import adapters, schema
 from p4q_lightning.export.format import ExportMismatchError, read_container
 from p4q_lightning.export.packing import unpack_codes
 from p4q_lightning.export.writer import ADAPTER, HEAD, STUDENT, weight_key
+from p4q_lightning.losses import cosine_logits
+from p4q_lightning.model.adapter import adapted_image_features
 from p4q_lightning.model.clip import load_clip
 from p4q_lightning.quant import QuantSpec, quant_modules, quantize
 
@@ -78,10 +80,7 @@ class LowBitCLIP(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalized image features after the adapter (what the classifier compares)."""
-        z = self.clip.encode_image(images)
-        if self.adapter is not None:
-            z = self.adapter(z)
-        return F.normalize(z, dim=-1)
+        return F.normalize(adapted_image_features(self.clip, self.adapter, images), dim=-1)
 
     def as_batch(self, images: Images) -> torch.Tensor:
         """A preprocessed ``[N, 3, H, W]`` batch on the model's device from a tensor (``[3, H, W]``
@@ -120,8 +119,8 @@ class LowBitCLIP(nn.Module):
                 "this export has no classifier head (text features); export it with "
                 "text_features= and classnames=, or use encode_image/encode_text"
             )
-        features = self.image_features(self.as_batch(images))
-        return self.logit_scale * features @ self.text_features.t()
+        features = adapted_image_features(self.clip, self.adapter, self.as_batch(images))
+        return cosine_logits(features, self.text_features, self.logit_scale)
 
     @torch.no_grad()
     def predict(self, images: Images) -> torch.Tensor:

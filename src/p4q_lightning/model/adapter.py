@@ -98,3 +98,15 @@ def _init_linear(linear: QuantLinear) -> None:
     if linear.bias is not None:
         bound = 1.0 / math.sqrt(linear.in_features)
         nn.init.uniform_(linear.bias, -bound, bound)
+
+
+def adapted_image_features(
+    clip: nn.Module, adapter: nn.Module | None, images: torch.Tensor
+) -> torch.Tensor:
+    """image → ``clip``'s image tower → ``adapter``: the embedding [B, D] a P4Q classifier
+    compares with its class embeddings (not normalised; the cosine logits normalise).
+
+    The one definition shared by training, evaluation, the comparison and exported models.
+    """
+    features = clip.encode_image(images).float()
+    return adapter(features) if adapter is not None else features

@@ -1,46 +1,167 @@
-"""The P4Q classifier maths on top of the frozen CLIPs: calibration, image and text features,
-logits. A mixin of :class:`~p4q_lightning.module.P4QModule`, kept apart from the Lightning glue.
+"""``P4QClassifier``: P4Q (or a baseline) as a plain ``nn.Module``, without Lightning.
 
-It expects the attributes the module sets: ``teacher``, ``student``, ``adapter``,
-``prompt_learner``, ``tokenizer``, ``classnames``, ``templates``, ``method``, ``hparams`` and
-the ``_teacher_text`` / ``_student_template_text`` buffers and ``_eval_text``.
+It owns the frozen float teacher, the PTQ student, the prompt learner, the low-bit adapter and
+the class list, and computes calibration, image and text features and logits. ``P4QModule``
+holds one and adds the Lightning glue; callbacks, the exporter and the feature cache use the
+classifier's public methods, never the module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p4q_lightning.args import AdapterArgs, PromptArgs
 from p4q_lightning.losses import cosine_logits
-from p4q_lightning.methods import traits
-from p4q_lightning.model.build import weight_fingerprint
+from p4q_lightning.methods import MethodTraits, traits
+from p4q_lightning.model.adapter import LowBitAdapter, adapted_image_features
+from p4q_lightning.model.build import build_teacher, image_feature_dim, weight_fingerprint
+from p4q_lightning.model.prompt_learner import PromptLearner
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
 from p4q_lightning.model.text_sharding import gather_sharded
+from p4q_lightning.quant import QuantSpec, get_spec, is_calibrated, quantize
 from p4q_lightning.quant import calibrate as calibrate_student
-from p4q_lightning.quant import is_calibrated
+from p4q_lightning.training import seeding
+
+DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
-class P4QClassifierMixin:
-    """Calibration, features and logits of the student and the teacher."""
+class P4QClassifier(nn.Module):
+    """Image-to-class logits of a frozen (quantized) CLIP with a learned prompt and adapter.
 
-    teacher: nn.Module
-    student: nn.Module
-    adapter: nn.Module | None
-    prompt_learner: Any
-    tokenizer: Any
-    classnames: list[str]
-    templates: list[str]
-    method: str
-    hparams: Any
-    device: torch.device
-    _teacher_text: torch.Tensor | None
-    _student_template_text: torch.Tensor | None
-    _eval_text: torch.Tensor | None
-    text_shard: tuple[int, int] = (0, 0)  # the classes this rank encoded last (DDP sharding)
+    Args:
+        teacher: the frozen float CLIP (open_clip model).
+        tokenizer: its tokenizer.
+        method: ``p4q``, ``coop``, ``ptq`` or ``zeroshot`` (see :mod:`p4q_lightning.methods`).
+        quant_spec: the student's quantization spec (ignored by the float methods).
+        prompt: the learned prompt's options.
+        adapter: the adapter's options (``p4q`` only).
+        teacher_text: the teacher's classifier, ``templates`` or ``prompt``.
+        logit_scale: fixed cosine-logit scale; None uses the model's learned one.
+        init_seed: seed of the prompt and adapter initialisation (the run seed wins if set).
+        templates: prompt templates of the template classifier (each with one ``{}``).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        tokenizer: Callable[..., torch.Tensor],
+        method: str = "p4q",
+        quant_spec: QuantSpec | None = None,
+        prompt: PromptArgs | None = None,
+        adapter: AdapterArgs | None = None,
+        teacher_text: str = "templates",
+        logit_scale: float | None = None,
+        init_seed: int = 0,
+        templates: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.traits: MethodTraits = traits(method)
+        self.prompt_args = prompt or PromptArgs()
+        self.teacher_text = teacher_text
+        self.fixed_logit_scale = logit_scale
+        self.init_seed = init_seed
+        quantized = self.traits.quantized
+        self.quant_spec = (quant_spec or get_spec("w8a8")) if quantized else get_spec("fp")
+        self.teacher, self.tokenizer = teacher, tokenizer
+        self.student = quantize(teacher, self.quant_spec) if self.traits.quantized else teacher
+        self.adapter: LowBitAdapter | None = None
+        adapter = adapter or AdapterArgs()
+        if self.traits.uses_adapter and adapter.enabled:
+            # drawn from the run seed, not from wherever the global generator happens to be
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seeding.derived_seed("adapter", init_seed))
+                self.adapter = LowBitAdapter(
+                    image_feature_dim(teacher),
+                    adapter.reduction,
+                    adapter.ratio,
+                    adapter.bias,
+                    self.quant_spec["adapter"],
+                )
+        self.prompt_learner: PromptLearner | None = None
+        self.classnames: list[str] = []
+        self.templates: list[str] = list(templates or DEFAULT_TEMPLATES)
+        self.register_buffer("_teacher_text", None, persistent=False)
+        self.register_buffer("_student_template_text", None, persistent=False)
+        self._eval_text: torch.Tensor | None = None
+        self._teacher_checksum: float | None = None
+        self.text_shard: tuple[int, int] = (0, 0)  # classes this rank encoded last (DDP)
+        # the open_clip identity of the teacher, when built by :meth:`build` (for exports)
+        self.model_name: str | None = None
+        self.pretrained: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model_name: str,
+        pretrained: str | None,
+        model_config: str | None = None,
+        init_seed: int = 0,
+        method: str = "p4q",
+        quant: str | dict[str, Any] = "w8a8",
+        quant_overrides: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> P4QClassifier:
+        """Build the teacher from its open_clip identity, then the classifier around it."""
+        teacher, tokenizer = build_teacher(model_name, pretrained, model_config, init_seed)
+        spec = get_spec(quant, quant_overrides) if traits(method).quantized else None
+        model = cls(teacher, tokenizer, method, spec, init_seed=init_seed, **kwargs)
+        model.model_name, model.pretrained = model_name, pretrained
+        return model
+
+    # ------------------------------------------------------------------ classes
+    def set_classes(
+        self, classnames: Sequence[str], templates: Sequence[str] | None = None
+    ) -> bool:
+        """Set the class list (and templates), building or re-targeting the prompts.
+
+        Returns whether the class list changed."""
+        classnames = [str(c) for c in classnames]
+        if templates:
+            self.templates = list(templates)
+        changed = classnames != self.classnames
+        self.classnames = classnames
+        if self.traits.trains_prompts:
+            if self.prompt_learner is None:
+                p = self.prompt_args
+                self.prompt_learner = PromptLearner(
+                    classnames,
+                    self.tokenizer,
+                    TextTower(self.teacher).width,
+                    p.n_ctx,
+                    p.ctx_init,
+                    TextTower(self.teacher).token_embedding,
+                    p.class_specific,
+                    p.class_token_position,
+                    p.init_std,
+                    # the same on every rank and whenever setup() runs (DDP re-seeds per rank)
+                    generator=seeding.generator("prompt", self.init_seed),
+                ).to(self.device)
+            elif changed:
+                self.prompt_learner.set_classnames(classnames)
+            if is_calibrated(self.student):
+                self.prompt_learner.set_token_embedding(TextTower(self.student).token_embedding)
+        if changed:
+            self._teacher_text = None
+            self._student_template_text = None
+        return changed
+
+    @property
+    def device(self) -> torch.device:
+        return self.teacher.logit_scale.device
+
+    def train(self, mode: bool = True) -> P4QClassifier:
+        """The frozen CLIPs stay in eval mode (no dropout, fused attention) while the rest
+        trains."""
+        super().train(mode)
+        self.teacher.eval()
+        self.student.eval()
+        return self
 
     # ------------------------------------------------------------------ calibration
     @property
@@ -100,27 +221,43 @@ class P4QClassifierMixin:
         self.invalidate_text()
         return stats
 
+    def rebuild_student(self) -> None:
+        """A fresh, uncalibrated student from the float teacher (before loading other ranges)."""
+        if self.traits.quantized:
+            self.student = quantize(self.teacher, self.quant_spec)
+            self.invalidate_text()
+
     # ------------------------------------------------------------------ features and logits
     @property
     def logit_scale(self) -> float:
-        """The cosine-logit scale: ``logit_scale`` if set, else the model's learned scale."""
-        if self.hparams.logit_scale is not None:
-            return float(self.hparams.logit_scale)
+        """The cosine-logit scale: the fixed one if set, else the model's learned scale."""
+        if self.fixed_logit_scale is not None:
+            return float(self.fixed_logit_scale)
         return float(self.teacher.logit_scale.detach().exp())
 
     @torch.no_grad()
     def student_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """The student's image embeddings [B, D] before the adapter (what the feature cache
         stores)."""
-        return self.student.encode_image(images.to(self.device)).float()
+        return adapted_image_features(self.student, None, images.to(self.device))
 
     @torch.no_grad()
     def teacher_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """The float teacher's image embeddings [B, D] (the distillation target)."""
-        return self.teacher.encode_image(images.to(self.device)).float()
+        return adapted_image_features(self.teacher, None, images.to(self.device))
 
-    def _adapt(self, features: torch.Tensor) -> torch.Tensor:
+    def adapt(self, features: torch.Tensor) -> torch.Tensor:
+        """Student image features through the adapter (unchanged without one)."""
         return self.adapter(features) if self.adapter is not None else features
+
+    def template_text_features(self, model: nn.Module) -> torch.Tensor:
+        """``model``'s template classifier [n_cls, D] (normalised) for the current classes."""
+        if not self.classnames:
+            raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
+        with torch.inference_mode(False):  # a cache, reused by training steps
+            return template_text_features(
+                model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
+            )
 
     def student_text_features(self, sharded: bool = False) -> torch.Tensor:
         """The student's normalised class embeddings [n_cls, D]: the learned prompt through the
@@ -128,25 +265,24 @@ class P4QClassifierMixin:
 
         ``sharded``: under DDP, each rank encodes 1/W of the classes and they are gathered
         (a collective: only where every rank calls it, as in the training and eval steps)."""
-        method = traits(self.method)
-        if not method.trains_prompts and method.quantized:
+        if not self.traits.trains_prompts and self.traits.quantized:
             if self._student_template_text is None:
-                self._student_template_text = self._templates(self.student)
+                self._student_template_text = self.template_text_features(self.student)
             return self._student_template_text
-        if not method.trains_prompts:
+        if not self.traits.trains_prompts:
             return self.teacher_text_features(sharded)
-        assert self.prompt_learner is not None, "set_classes() first"
-        hp = self.hparams
-        prompts, eot = self.prompt_learner(), self.prompt_learner.eot_index
+        learner = self._learner()
+        p = self.prompt_args
+        prompts, eot = learner(), learner.eot_index
 
         def encode(lo: int, hi: int) -> torch.Tensor:
             return encode_prompts(
                 self.student,
                 prompts[lo:hi],
                 eot[lo:hi],
-                hp.text_chunk_size,
-                hp.text_checkpointing,
-                shared_prefix=self.prompt_learner.shared_prefix_length,
+                p.chunk_size,
+                p.checkpointing,
+                shared_prefix=learner.shared_prefix_length,
             ).float()
 
         if not sharded:
@@ -159,38 +295,31 @@ class P4QClassifierMixin:
         """The float teacher's normalised class embeddings [n_cls, D] (templates, cached once;
         or, with ``teacher_text: prompt``, the learned prompt through the float tower;
         ``sharded`` as in :meth:`student_text_features`)."""
-        if self.hparams.teacher_text == "prompt" and self.prompt_learner is not None:
-            fixed = self.prompt_learner.embed_fixed(TextTower(self.teacher).token_embedding)
-            prompts, eot = self.prompt_learner(fixed), self.prompt_learner.eot_index
+        if self.teacher_text == "prompt" and self.prompt_learner is not None:
+            learner = self.prompt_learner
+            fixed = learner.embed_fixed(TextTower(self.teacher).token_embedding)
+            prompts, eot = learner(fixed), learner.eot_index
 
             def encode(lo: int, hi: int) -> torch.Tensor:
                 return encode_prompts(
                     self.teacher,
                     prompts[lo:hi],
                     eot[lo:hi],
-                    self.hparams.text_chunk_size,
-                    shared_prefix=self.prompt_learner.shared_prefix_length,
+                    self.prompt_args.chunk_size,
+                    shared_prefix=learner.shared_prefix_length,
                 ).float()
 
             n_cls = prompts.shape[0]
             features = gather_sharded(n_cls, encode)[0] if sharded else encode(0, n_cls)
             return F.normalize(features, dim=-1)
         if self._teacher_text is None:
-            self._teacher_text = self._templates(self.teacher)
+            self._teacher_text = self.template_text_features(self.teacher)
         return self._teacher_text
-
-    def _templates(self, model: nn.Module) -> torch.Tensor:
-        if not self.classnames:
-            raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
-        with torch.inference_mode(False):  # a cache, reused by training steps
-            return template_text_features(
-                model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
-            )
 
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
         text = self._eval_text if self._eval_text is not None else self.student_text_features()
-        features = self._adapt(self.student_image_features(images))
+        features = adapted_image_features(self.student, self.adapter, images.to(self.device))
         return cosine_logits(features, text, self.logit_scale)
 
     @torch.no_grad()
@@ -200,12 +329,16 @@ class P4QClassifierMixin:
             self.teacher_image_features(images), self.teacher_text_features(), self.logit_scale
         )
 
+    def freeze_eval_text(self, sharded: bool = False) -> None:
+        """Encode the class embeddings once for an evaluation (until :meth:`invalidate_text`)."""
+        with torch.no_grad():
+            self._eval_text = self.student_text_features(sharded=sharded).detach()
+
     def invalidate_text(self) -> None:
         """Forget the cached class embeddings: call after the prompt, student or classes
         change (each optimiser step, a loaded checkpoint, calibration)."""
         self._eval_text = None
         self._student_template_text = None
-
 
     def teacher_fingerprint(self) -> float:
         """A checksum of the teacher's weights (computed once): a checkpoint records it so that
@@ -213,6 +346,15 @@ class P4QClassifierMixin:
         if self._teacher_checksum is None:
             self._teacher_checksum = weight_fingerprint(self.teacher)
         return self._teacher_checksum
+
+    def trainable_parameter_names(self) -> list[str]:
+        """Names of the parameters that require grad (only the prompt and the adapter may)."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _learner(self) -> PromptLearner:
+        if self.prompt_learner is None:
+            raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
+        return self.prompt_learner
 
 
 def _take(images: Iterable[Any] | torch.Tensor, n: int) -> Iterable[torch.Tensor]:

@@ -27,18 +27,27 @@ if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import
 
 META_KEY = "p4q"
 QUANTIZER_TYPES = (ActivationQuantizer, WeightQuantizer, Log2Quantizer)
-FROZEN_PREFIXES = ("teacher.", "student.")
+PREFIX = "classifier."  # where P4QModule keeps its P4QClassifier
+FROZEN_PREFIXES = (PREFIX + "teacher.", PREFIX + "student.")
+# top-level names of checkpoints written before the classifier was its own module
+_UNPREFIXED = ("teacher.", "student.", "prompt_learner.", "adapter.")
 
 
 def kept_student_keys(module: LightningModule) -> set[str]:
     """State-dict keys of the student that a rebuild cannot recover: quantizer buffers."""
-    if module.student is module.teacher:
+    model = module.classifier
+    if model.student is model.teacher:
         return set()
     keys = set()
-    for name, sub in module.student.named_modules():
+    for name, sub in model.student.named_modules():
         if isinstance(sub, QUANTIZER_TYPES):
-            keys.update(f"student.{name}.{b}" for b, _ in sub.named_buffers(recurse=False))
+            keys.update(f"{PREFIX}student.{name}.{b}" for b, _ in sub.named_buffers(recurse=False))
     return keys
+
+
+def with_classifier_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys of an earlier checkpoint layout (``prompt_learner.ctx``) under ``classifier.``."""
+    return {(PREFIX + k if k.startswith(_UNPREFIXED) else k): v for k, v in state.items()}
 
 
 def is_rebuildable(key: str, kept: set[str]) -> bool:
@@ -63,10 +72,11 @@ def load_state_dict(
     load: Callable[..., Any],
 ) -> _IncompatibleKeys:
     """Load a slim (or full) state dict; rebuilt frozen weights count as present."""
-    if any(bool(getattr(m, "weights_frozen", False)) for _, m in quant_modules(module.student)):
+    model = module.classifier
+    if any(bool(getattr(m, "weights_frozen", False)) for _, m in quant_modules(model.student)):
         # Weights already on another calibration's grid: start again from the float weights.
-        _rebuild_student(module)
-    result = load(state, strict=False, assign=assign)
+        model.rebuild_student()
+    result = load(with_classifier_prefix(state), strict=False, assign=assign)
     kept = kept_student_keys(module)
     missing = [k for k in result.missing_keys if not is_rebuildable(k, kept)]
     unexpected = list(result.unexpected_keys)
@@ -81,30 +91,26 @@ def load_state_dict(
     return _IncompatibleKeys(missing, unexpected)
 
 
-def _rebuild_student(module: LightningModule) -> None:
-    from p4q_lightning.quant import quantize
-
-    module.student = quantize(module.teacher, module.quant_spec)
-
-
 def after_load(module: LightningModule) -> None:
     """Put a calibrated student's weights back on the grid; refresh derived caches."""
-    if module.student is not module.teacher and is_calibrated(module.student):
-        for _, qmod in quant_modules(module.student):
+    model = module.classifier
+    if model.student is not model.teacher and is_calibrated(model.student):
+        for _, qmod in quant_modules(model.student):
             qmod.freeze_weights()
-    if module.prompt_learner is not None and is_calibrated(module.student):
+    if model.prompt_learner is not None and is_calibrated(model.student):
         from p4q_lightning.model.text_encoder import TextTower
 
-        module.prompt_learner.set_token_embedding(TextTower(module.student).token_embedding)
-    module.invalidate_text()
+        model.prompt_learner.set_token_embedding(TextTower(model.student).token_embedding)
+    model.invalidate_text()
 
 
 def save_metadata(module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    model = module.classifier
     checkpoint[META_KEY] = {
-        "classnames": list(module.classnames),
-        "templates": list(module.templates),
-        "clip_fingerprint": module.teacher_fingerprint(),
-        "calibrated": bool(is_calibrated(module.student)),
+        "classnames": list(model.classnames),
+        "templates": list(model.templates),
+        "clip_fingerprint": model.teacher_fingerprint(),
+        "calibrated": bool(is_calibrated(model.student)),
     }
 
 
@@ -115,7 +121,7 @@ def load_metadata(module: LightningModule, checkpoint: Mapping[str, Any]) -> Non
         return
     saved = meta.get("clip_fingerprint")
     if saved is not None:
-        now = module.teacher_fingerprint()
+        now = module.classifier.teacher_fingerprint()
         if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
             hp = module.hparams
             raise ValueError(
@@ -124,5 +130,5 @@ def load_metadata(module: LightningModule, checkpoint: Mapping[str, Any]) -> Non
                 f"pretrained={hp.pretrained!r} (init_seed={hp.init_seed}) build now (fingerprint "
                 f"{saved:.6g} vs {now:.6g}); point `pretrained` at the original weights"
             )
-    if meta.get("classnames") and not module.classnames:
+    if meta.get("classnames") and not module.classifier.classnames:
         module.set_classes(meta["classnames"], meta.get("templates"))

@@ -76,7 +76,7 @@ class TrainFeatureSource:
         if not isinstance(reference, DataLoader):
             raise TypeError(
                 "feature caching needs the training data as one torch DataLoader, got "
-                f"{type(reference).__name__}; set model.feature_views=0 for live augmentation"
+                f"{type(reference).__name__}; set model.features.views=0 for live augmentation"
             )
         if self.cache is None:
             self.cache = self._build(reference)
@@ -105,17 +105,18 @@ class TrainFeatureSource:
 
     def _build(self, reference: DataLoader) -> FeatureCache:
         module = self.module
-        if module.needs_calibration:
+        model = module.classifier
+        if model.needs_calibration:
             raise RuntimeError(
                 "the student must be calibrated before its features are cached: keep the "
-                "CalibrationCallback (added by default) or call module.calibrate(...) before fit"
+                "CalibrationCallback (added by default) or call "
+                "module.classifier.calibrate(...) before fit"
             )
-        encoders = {"student": module.student_image_features}
+        encoders = {"student": model.student_image_features}
         if module.distills:
-            encoders["teacher"] = module.teacher_image_features
-        hp = module.hparams
+            encoders["teacher"] = model.teacher_image_features
         seed = seeding.run_seed(0)  # seed_everything's; the same on every rank
-        views = int(hp.feature_views)
+        views = int(module.features_args.views)
         max_epochs = module.trainer.max_epochs
         if max_epochs is not None and 0 < max_epochs < views:
             views = max_epochs  # each image is seen max_epochs times: more views go unused
@@ -140,20 +141,20 @@ class TrainFeatureSource:
             )
 
         key = self._key(reference, seed, views)
-        return load_or_build(hp.feature_cache_dir, key, build, device=module.device)
+        return load_or_build(module.features_args.cache_dir, key, build, device=module.device)
 
     def _key(self, reference: DataLoader, seed: int, views: int) -> str:
         module = self.module
-        hp = module.hparams
+        hp, model = module.hparams, module.classifier
         quant_state = hashlib.sha1()
-        for name, buf in sorted(module.student.state_dict().items()):
+        for name, buf in sorted(model.student.state_dict().items()):
             if name.endswith(("scale", "zero_point", "range_min", "range_max")):
                 quant_state.update(name.encode())
                 quant_state.update(buf.detach().cpu().numpy().tobytes())
         identity = {
             "model": [hp.model_name, hp.pretrained, hp.model_config, hp.init_seed],
-            "method": module.method,
-            "spec": module.quant_spec.to_dict(),
+            "method": model.method,
+            "spec": model.quant_spec.to_dict(),
             "quantizers": quant_state.hexdigest(),
             "teacher": "teacher" if module.distills else "",
             "views": views,

@@ -110,25 +110,25 @@ class WarmupCosine:
 
 def param_groups(module: LightningModule) -> list[dict[str, Any]]:
     """One group per trainable part, named ``prompt`` and ``adapter``."""
-    hp = module.hparams
+    hp, model = module.optim_args, module.classifier
     groups: list[dict[str, Any]] = []
-    if module.prompt_learner is not None:
+    if model.prompt_learner is not None:
         groups.append(
             dict(
                 name="prompt",
                 algorithm="sgd",
-                params=[module.prompt_learner.ctx],
+                params=[model.prompt_learner.ctx],
                 lr=hp.prompt_lr,
                 momentum=hp.prompt_momentum,
                 weight_decay=hp.prompt_weight_decay,
             )
         )
-    if module.adapter is not None:
+    if model.adapter is not None:
         groups.append(
             dict(
                 name="adapter",
                 algorithm="adamw",
-                params=list(module.adapter.parameters()),
+                params=list(model.adapter.parameters()),
                 lr=hp.adapter_lr,
                 eps=hp.adapter_eps,
                 weight_decay=hp.adapter_weight_decay,
@@ -143,7 +143,7 @@ def configure(module: LightningModule) -> dict[str, Any]:
     if not groups:
         raise ValueError(f"method={module.method!r} has no trainable parameters")
     optimizer = PromptAdapterOptimizer(groups)
-    hp = module.hparams
+    hp = module.optim_args
     lambdas = [
         WarmupCosine(hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0)
         for g in groups
@@ -164,7 +164,7 @@ def finalize_schedules(module: LightningModule) -> None:
     per_epoch = (
         per_epoch / max(1, trainer.accumulate_grad_batches) if math.isfinite(per_epoch) else 0
     )
-    warmup = int(round(module.hparams.warmup_epochs * per_epoch))
+    warmup = int(round(module.optim_args.warmup_epochs * per_epoch))
     for config in trainer.lr_scheduler_configs:
         sched = config.scheduler
         if not isinstance(sched, LambdaLR):

@@ -1,0 +1,228 @@
+"""P4QModule's options in small groups, nested in YAML as ``model.prompt.n_ctx`` and so on.
+
+Each group is a frozen dataclass: LightningCLI (jsonargparse) reads the types and the ``Args:``
+docstrings for parsing and ``--help``, and Python callers pass an instance or a plain dict
+(which is what a checkpoint's hyperparameters hold). Values are checked when a group is made,
+so a bad option fails in one line before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+
+@dataclass(frozen=True)
+class PromptArgs:
+    """The learned CoOp prompt and its pass through the text tower.
+
+    Args:
+        n_ctx: number of learned prompt context vectors (CoOp: 16).
+        ctx_init: initialise the context from this phrase (e.g. ``a photo of a``; sets n_ctx).
+        class_specific: one context per class (CoOp's CSC) instead of one shared context.
+        class_token_position: where the class name sits in the prompt: end, middle or front.
+        init_std: std of the random context initialisation (when ctx_init is None).
+        chunk_size: classes per text-tower chunk (None: all at once).
+        checkpointing: recompute text-tower chunks in the backward pass (saves memory).
+    """
+
+    n_ctx: int = 16
+    ctx_init: str | None = None
+    class_specific: bool = False
+    class_token_position: Literal["end", "middle", "front"] = "end"
+    init_std: float = 0.02
+    chunk_size: int | None = None
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("prompt.class_token_position", self.class_token_position, "end middle front")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"prompt.chunk_size={self.chunk_size}: use a positive size or null")
+
+
+@dataclass(frozen=True)
+class AdapterArgs:
+    """The low-bit adapter on the student's image features (``p4q`` only; its bits are the
+    quantization spec's ``adapter`` group).
+
+    Args:
+        enabled: train the adapter (false: prompts only).
+        reduction: the adapter's bottleneck is the embedding width / this.
+        ratio: blend of adapted and original image features (0: adapter off).
+        bias: give the adapter's linear layers a bias.
+    """
+
+    enabled: bool = True
+    reduction: int = 4
+    ratio: float = 0.2
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reduction < 1:
+            raise ValueError(f"adapter.reduction={self.reduction}: use a positive divisor")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"adapter.ratio={self.ratio}: use a blend between 0 and 1")
+
+
+@dataclass(frozen=True)
+class LossArgs:
+    """Cross-entropy on the labels plus distillation from the float teacher.
+
+    Args:
+        ce_weight: weight of the cross-entropy loss on the labels.
+        distill_weight: weight of the distillation loss from the float teacher (0: none).
+        distill_kind: ``kd`` (standard, with temperature) or ``official`` (the official
+            code's expression).
+        temperature: softmax temperature of the ``kd`` distillation.
+        teacher_text: the teacher's classifier: ``templates`` (mean template embedding) or
+            ``prompt`` (the learned prompt through the float text tower).
+    """
+
+    ce_weight: float = 1.0
+    distill_weight: float = 1.0
+    distill_kind: Literal["kd", "official"] = "kd"
+    temperature: float = 1.0
+    teacher_text: Literal["templates", "prompt"] = "templates"
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.distill_kind", self.distill_kind, "kd official")
+        _check_choice("loss.teacher_text", self.teacher_text, "templates prompt")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature={self.temperature}: use a positive temperature")
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    """SGD for the prompt, AdamW for the adapter, a constant warmup then a per-step cosine.
+
+    Args:
+        prompt_lr: SGD learning rate of the prompt context.
+        prompt_momentum: SGD momentum of the prompt context.
+        prompt_weight_decay: SGD weight decay of the prompt context.
+        adapter_lr: AdamW learning rate of the adapter.
+        adapter_weight_decay: AdamW weight decay of the adapter.
+        adapter_eps: AdamW epsilon of the adapter.
+        warmup_epochs: epochs of constant-lr warmup before the per-step cosine schedule.
+        warmup_lr: the learning rate during warmup.
+    """
+
+    prompt_lr: float = 2e-3
+    prompt_momentum: float = 0.9
+    prompt_weight_decay: float = 5e-4
+    adapter_lr: float = 1e-3
+    adapter_weight_decay: float = 1e-2
+    adapter_eps: float = 1e-8
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs}: use 0 or more")
+
+
+@dataclass(frozen=True)
+class FeatureArgs:
+    """Cached image features: both image towers run once per augmented view instead of on
+    every step (the towers are frozen, so the features of a view never change).
+
+    Args:
+        views: augmented views of the training set whose image features are cached
+            (0 = live augmentation: both image towers run on every step).
+        cache_dir: directory to keep the feature cache between runs (None: memory only).
+    """
+
+    views: int = 10
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.views < 0:
+            raise ValueError(
+                f"features.views={self.views}: use 0 (live augmentation) or a positive count"
+            )
+
+
+GROUPS: dict[str, type] = {
+    "prompt": PromptArgs,
+    "adapter": AdapterArgs,
+    "loss": LossArgs,
+    "optim": OptimArgs,
+    "features": FeatureArgs,
+}
+
+# Flat option names before the groups existed (checkpoints and configs of earlier versions).
+_FLAT_NAMES: dict[str, tuple[str, str]] = {
+    "n_ctx": ("prompt", "n_ctx"),
+    "ctx_init": ("prompt", "ctx_init"),
+    "class_specific": ("prompt", "class_specific"),
+    "class_token_position": ("prompt", "class_token_position"),
+    "ctx_init_std": ("prompt", "init_std"),
+    "text_chunk_size": ("prompt", "chunk_size"),
+    "text_checkpointing": ("prompt", "checkpointing"),
+    "adapter_reduction": ("adapter", "reduction"),
+    "adapter_ratio": ("adapter", "ratio"),
+    "adapter_bias": ("adapter", "bias"),
+    "ce_weight": ("loss", "ce_weight"),
+    "distill_weight": ("loss", "distill_weight"),
+    "distill_kind": ("loss", "distill_kind"),
+    "distill_temperature": ("loss", "temperature"),
+    "teacher_text": ("loss", "teacher_text"),
+    "prompt_lr": ("optim", "prompt_lr"),
+    "prompt_momentum": ("optim", "prompt_momentum"),
+    "prompt_weight_decay": ("optim", "prompt_weight_decay"),
+    "adapter_lr": ("optim", "adapter_lr"),
+    "adapter_weight_decay": ("optim", "adapter_weight_decay"),
+    "adapter_eps": ("optim", "adapter_eps"),
+    "warmup_epochs": ("optim", "warmup_epochs"),
+    "warmup_lr": ("optim", "warmup_lr"),
+    "feature_views": ("features", "views"),
+    "feature_cache_dir": ("features", "cache_dir"),
+}
+
+T = TypeVar("T")
+
+
+def as_group(cls: type[T], value: T | Mapping[str, Any] | None, name: str) -> T:
+    """``value`` as a ``cls`` instance: an instance, a dict of its fields or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"model.{name} must be a mapping of options, got {type(value).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ValueError(
+            f"model.{name} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are {', '.join(sorted(fields))}"
+        )
+    return cls(**value)
+
+
+def group_flat_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters of an earlier version (flat ``n_ctx``, ``prompt_lr``...) in groups.
+
+    ``adapter: true/false`` becomes ``adapter.enabled``. Grouped input is returned unchanged.
+    """
+    out: dict[str, Any] = {}
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in hparams.items():
+        if key == "adapter" and isinstance(value, bool):
+            grouped.setdefault("adapter", {})["enabled"] = value
+        elif key in _FLAT_NAMES:
+            group, field = _FLAT_NAMES[key]
+            grouped.setdefault(group, {})[field] = value
+        else:
+            out[key] = value
+    for group, values in grouped.items():
+        existing = out.get(group)
+        base = dataclasses.asdict(existing) if dataclasses.is_dataclass(existing) else existing
+        out[group] = {**(dict(base) if isinstance(base, Mapping) else {}), **values}
+    return out
+
+
+def _check_choice(name: str, value: str, choices: str) -> None:
+    if value not in choices.split():
+        raise ValueError(f"{name}={value!r}: use one of {', '.join(choices.split())}")
