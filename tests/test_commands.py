@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 
 import tiny_world
+from p4q_lightning.args import _FLAT_NAMES, GROUPS
 from p4q_lightning.cli import main as cli_main  # noqa: E402
 from p4q_lightning.export import load_lowbit  # noqa: E402
 from p4q_lightning.module import P4QModule  # noqa: E402
@@ -172,3 +173,22 @@ def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
     assert ((got - ref).abs().max() / ref.abs().max()) <= 1e-4
     with pytest.raises(SystemExit):
         cli_main(["export", str(tmp_path / "missing.ckpt")])
+
+    # A checkpoint of the earlier layout (flat hyperparameters, no ``classifier.`` prefix)
+    # exports the same model.
+    old = torch.load(ckpt, map_location="cpu", weights_only=True)
+    old["hyper_parameters"] = _flat(old["hyper_parameters"])
+    old["state_dict"] = {k.removeprefix("classifier."): v for k, v in old["state_dict"].items()}
+    assert "n_ctx" in old["hyper_parameters"] and "prompt_learner.ctx" in old["state_dict"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert cli_main(["export", str(tmp_path / "old.ckpt")]) == 0
+    assert torch.equal(load_lowbit(tmp_path / "old-lowbit.safetensors").logits(images), got)
+
+
+def _flat(hparams: dict) -> dict:
+    """Hyperparameters as versions before the option groups wrote them."""
+    flat = {k: v for k, v in hparams.items() if k not in GROUPS}
+    for old, (group, field) in _FLAT_NAMES.items():
+        flat[old] = hparams[group][field]
+    flat["adapter"] = hparams["adapter"]["enabled"]
+    return flat
