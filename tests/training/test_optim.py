@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tiny_world
 from p4q_lightning.module import P4QModule
-from p4q_lightning.training.optim import PromptAdapterOptimizer, WarmupCosine
+from p4q_lightning.training.optim import (
+    PromptAdapterOptimizer,
+    WarmupCosine,
+    WarmupCosineLR,
+    schedule_lengths,
+)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -133,6 +139,45 @@ def test_linear_warmup_ramps_to_one_then_follows_the_cosine():
     assert [fn.lr(base, s) for s in range(4)] == [base * (s + 1) / 4 for s in range(4)]
     assert fn.lr(base, 7) == base * fn(7)
     assert WarmupCosine(0.1, warmup_steps=2, total_steps=4).lr(base, 0) == base * 0.1
+
+
+def fake_trainer(stepping: float, per_epoch: float, accumulate: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(
+        estimated_stepping_batches=stepping,
+        num_training_batches=per_epoch,
+        accumulate_grad_batches=accumulate,
+    )
+
+
+def test_schedule_lengths_from_the_trainer():
+    # 8 batches per epoch, 2 per optimiser step, 3 epochs: 12 steps, half an epoch is 2 steps
+    assert schedule_lengths(fake_trainer(12, 8, accumulate=2), 0.5) == (2, 12)
+    assert schedule_lengths(fake_trainer(12, 8, accumulate=2), 0.0) == (0, 12)
+    assert schedule_lengths(fake_trainer(9, 3), 1.2) == (4, 9)  # round(3.6)
+    assert schedule_lengths(fake_trainer(100, math.inf), 1.0) == (0, 100)  # max_steps, no epochs
+    with pytest.raises(ValueError, match="finite run"):
+        schedule_lengths(fake_trainer(math.inf, 8), 1.0)
+
+
+def test_a_restored_schedule_keeps_this_fits_lengths_and_recomputes_the_rate():
+    def schedule(total: int) -> WarmupCosineLR:
+        _, opt = _pair()
+        return WarmupCosineLR(opt, [WarmupCosine(0.1, 2, total), WarmupCosine(0.5, 2, total)])
+
+    old = schedule(total=6)
+    for _ in range(5):
+        old.optimizer.step()
+        old.step()
+    resumed = schedule(total=12)  # resumed for twice the steps
+    resumed.optimizer.load_state_dict(old.optimizer.state_dict())
+    resumed.load_state_dict(old.state_dict())
+    assert [fn.total_steps for fn in resumed.lr_lambdas] == [12, 12]
+    want = [base * fn(5) for base, fn in zip(resumed.base_lrs, resumed.lr_lambdas, strict=True)]
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == want == resumed.get_last_lr()
+    same = schedule(total=6)  # nothing changed: the saved rates, bit for bit
+    same.optimizer.load_state_dict(old.optimizer.state_dict())
+    same.load_state_dict(old.state_dict())
+    assert [g["lr"] for g in same.optimizer.param_groups] == old.get_last_lr()
 
 
 RATES = dict(prompt_lr=0.05, adapter_lr=0.01, warmup_lr=1e-3)
