@@ -141,11 +141,14 @@ def test_linear_warmup_ramps_to_one_then_follows_the_cosine():
     assert WarmupCosine(0.1, warmup_steps=2, total_steps=4).lr(base, 0) == base * 0.1
 
 
-def fake_trainer(stepping: float, per_epoch: float, accumulate: int = 1) -> SimpleNamespace:
+def fake_trainer(
+    stepping: float, per_epoch: float, accumulate: int = 1, max_epochs: int = 3
+) -> SimpleNamespace:
     return SimpleNamespace(
         estimated_stepping_batches=stepping,
         num_training_batches=per_epoch,
         accumulate_grad_batches=accumulate,
+        max_epochs=max_epochs,
     )
 
 
@@ -157,6 +160,10 @@ def test_schedule_lengths_from_the_trainer():
     assert schedule_lengths(fake_trainer(100, math.inf), 1.0) == (0, 100)  # max_steps, no epochs
     with pytest.raises(ValueError, match="finite run"):
         schedule_lengths(fake_trainer(math.inf, 8), 1.0)
+    # max_steps only: Lightning does not load the loader, so an epoch has no known length
+    assert schedule_lengths(fake_trainer(5, math.inf, max_epochs=-1), 0.0) == (0, 5)
+    with pytest.raises(ValueError, match="set trainer.max_epochs"):
+        schedule_lengths(fake_trainer(5, math.inf, max_epochs=-1), 1.0)
 
 
 def test_a_restored_schedule_keeps_this_fits_lengths_and_recomputes_the_rate():

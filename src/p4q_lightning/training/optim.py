@@ -148,6 +148,12 @@ def schedule_lengths(trainer: Trainer, warmup_epochs: float) -> tuple[int, int]:
         raise ValueError(
             "the cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
         )
+    if warmup_epochs > 0 and trainer.max_epochs == -1:  # Lightning did not load the loader
+        raise ValueError(
+            "warmup_epochs needs the number of batches per epoch, which is not known before "
+            "training with max_epochs=-1 (max_steps only): set trainer.max_epochs (max_steps "
+            "still stops earlier) or warmup_epochs=0"
+        )
     per_epoch = trainer.num_training_batches
     per_epoch = (
         per_epoch / max(1, trainer.accumulate_grad_batches) if math.isfinite(per_epoch) else 0
