@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from p4q_lightning.args import FeatureArgs, PromptArgs
+from p4q_lightning.data.feature_serving import FeatureServing
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts
 from p4q_lightning.module import P4QModule
 
@@ -87,8 +88,9 @@ class PlainCoOp:
         return time.perf_counter() - start
 
 
-class RandomImages(LightningDataModule):
-    """Random images and labels with the attributes P4QModule reads from a datamodule."""
+class RandomImages(FeatureServing, LightningDataModule):
+    """Random images and labels with the attributes P4QModule reads from a datamodule, serving
+    cached features as FewShotDataModule does."""
 
     def __init__(self, names: list[str], images: torch.Tensor, batch: int) -> None:
         super().__init__()
@@ -99,7 +101,9 @@ class RandomImages(LightningDataModule):
         self.batch = batch
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch, shuffle=True, drop_last=True)
+        return self.serve(
+            DataLoader(self.dataset, batch_size=self.batch, shuffle=True, drop_last=True)
+        )
 
 
 class StepTimer(Callback):

@@ -6,8 +6,8 @@
 Builds a P4QModule (random weights unless ``--pretrained``), calibrates it on random images,
 then times full training steps (forward, backward, optimiser step) two ways in one run,
 interleaved: *live* (student and teacher image towers run on the batch's images, as with
-``feature_views: 0``) and *cached* (the batch's pre-adapter student and teacher features come
-from the feature cache, ``feature_views > 0``). The text tower with the learned prompt runs
+``features.views: 0``) and *cached* (the batch's pre-adapter student and teacher features come
+from the feature cache, ``features.views > 0``). The text tower with the learned prompt runs
 for every class in both. Prints the medians, the speedup, and the bytes a checkpoint holds
 (state dict + optimiser state) against the float32 open_clip state dict.
 """

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from p4q_lightning.args import group_flat_hparams
+from p4q_lightning.data.feature_serving import FeatureServing
 
 MODEL_NAME = "tiny-test-vit"
 # min-max activation ranges: fast calibration (OMSE's shrink search is what makes it slow)
@@ -135,8 +136,9 @@ def write_image_folder(
     return root
 
 
-class TinyDataModule(LightningDataModule):
-    """ImageFolder train/val splits with the attributes P4QModule reads from FewShotDataModule."""
+class TinyDataModule(FeatureServing, LightningDataModule):
+    """ImageFolder train/val splits with the attributes P4QModule reads from FewShotDataModule,
+    serving cached features for training as FewShotDataModule does."""
 
     def __init__(
         self, root: str, batch_size: int = 8, num_workers: int = 0, calibration_images: int = 16
@@ -165,8 +167,10 @@ class TinyDataModule(LightningDataModule):
         self.num_classes = len(self.classnames)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset, self.batch_size, shuffle=True, num_workers=self.num_workers
+        return self.serve(
+            DataLoader(
+                self.train_dataset, self.batch_size, shuffle=True, num_workers=self.num_workers
+            )
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -181,8 +181,7 @@ class P4QModule(LightningModule):
             warnings.filterwarnings(
                 "ignore", message=r".*module\(s\) in eval mode at the start of training"
             )
-            if self.features_args.views > 0:
-                self._train_source = TrainFeatureSource.install(self)
+            self._train_source = TrainFeatureSource.attach(self)
 
     def _check_not_empty(self, stage: str) -> None:
         """Lightning skips an evaluation over 0 batches and reports success: refuse it."""
@@ -299,7 +298,12 @@ class P4QModule(LightningModule):
 
     def on_train_start(self) -> None:
         self._trained = True
-        optim.finalize_schedules(self)
+        if self._train_source is not None:
+            self._train_source.fill()  # calibrated by now (CalibrationCallback.on_fit_start)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._train_source is not None:
+            self._train_source.detach()
 
     # ------------------------------------------------------------------ evaluation
     def _start_eval(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 _LAZY = {
     "FewShotDataModule": "p4q_lightning.data.datamodule",
+    "FeatureServing": "p4q_lightning.data.feature_serving",
     "ImageSource": "p4q_lightning.data.sources",
     "FolderSource": "p4q_lightning.data.sources",
     "SyntheticSource": "p4q_lightning.data.sources",

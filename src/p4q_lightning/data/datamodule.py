@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from p4q_lightning.data.cache import cache_dir
 from p4q_lightning.data.datasets import MemoryDataset, SourceDataset, collate_skip_none, decode_all
+from p4q_lightning.data.feature_serving import FeatureServing
 from p4q_lightning.data.fewshot import (
     make_split,
     read_split,
@@ -36,8 +37,11 @@ def _global_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-class FewShotDataModule(L.LightningDataModule):
+class FewShotDataModule(FeatureServing, L.LightningDataModule):
     """Few-shot train/val splits (CoOp protocol) and the full test split of one dataset.
+
+    Serves cached image features for training when a module attaches a feature source
+    (:class:`~p4q_lightning.data.feature_serving.FeatureServing`).
 
     Args:
         dataset: a Hugging Face hub id (``ILSVRC/imagenet-1k``, ``uoft-cs/cifar10``,
@@ -333,7 +337,7 @@ class FewShotDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        return self.serve(self._loader(self.train_dataset, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, False, self.hparams.eval_batch_size)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from p4q_lightning.distributed import all_agree, broadcast, world
@@ -52,20 +52,61 @@ class FeatureCache:
 
 
 class CachedFeatureDataset(Dataset):
-    """A dataset over a :class:`FeatureCache`; set :attr:`epoch` before each epoch."""
+    """A dataset over a :class:`FeatureCache`; set :attr:`epoch` before each epoch.
 
-    def __init__(self, cache: FeatureCache) -> None:
+    It can exist before its cache (``length`` items, :meth:`fill` later): Lightning sizes the
+    training loader while the optimisers are configured, before the student is calibrated, so
+    the features can only be encoded afterwards. Items past the end of a shorter cache (images
+    skipped as unreadable while encoding) are None, and :meth:`collate` drops them, as the
+    image loader drops unreadable images.
+    """
+
+    def __init__(self, cache: FeatureCache | None = None, length: int | None = None) -> None:
+        if cache is None and length is None:
+            raise ValueError("give the cache or the number of items it will hold")
         self.cache = cache
+        self.length = len(cache) if length is None else length
         self.epoch = 0
 
-    def __len__(self) -> int:
-        return len(self.cache)
+    def fill(self, cache: FeatureCache) -> None:
+        """Hold ``cache`` from now on (encoded for the ``length`` images of the dataset)."""
+        if len(cache) > self.length:
+            raise ValueError(f"{len(cache)} cached items for a dataset of {self.length}")
+        if len(cache) < self.length:
+            log.warning(
+                "%d of %d training images could not be read and have no cached features; "
+                "their places in each epoch are left out of the batches",
+                self.length - len(cache),
+                self.length,
+            )
+        self.cache = cache
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        view = int(self.epoch + self.cache.offsets[index]) % self.cache.views
-        item = {name: feats[view, index] for name, feats in self.cache.features.items()}
-        item["label"] = self.cache.labels[index]
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        cache = self.cache
+        if cache is None:
+            raise RuntimeError(
+                "the image features are not cached yet: the fit encodes them at the start of "
+                "training (P4QModule.on_train_start), after calibration"
+            )
+        if index >= len(cache):
+            return None
+        view = int(self.epoch + cache.offsets[index]) % cache.views
+        item = {name: feats[view, index] for name, feats in cache.features.items()}
+        item["label"] = cache.labels[index]
         return item
+
+    def collate(self, items: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+        """``default_collate`` of the items that have features (an empty batch if none)."""
+        kept = [item for item in items if item is not None]
+        if kept:
+            return default_collate(kept)
+        assert self.cache is not None
+        empty = {name: feats[0, :0] for name, feats in self.cache.features.items()}
+        empty["label"] = self.cache.labels[:0]
+        return empty
 
 
 @torch.no_grad()

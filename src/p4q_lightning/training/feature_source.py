@@ -1,9 +1,14 @@
 """Feeding training steps from cached image features instead of images.
 
-The datamodule's training loader is asked once for its dataset, batch size and workers; its
-images are encoded for ``feature_views`` augmented views (see :mod:`feature_cache`); the fit
-loop then iterates a loader over the cached features. Lightning still owns that loader (it
-adds the distributed sampler under DDP).
+The module attaches a :class:`TrainFeatureSource` to the datamodule in ``setup("fit")`` (a
+datamodule with :class:`~p4q_lightning.data.feature_serving.FeatureServing`); the datamodule's
+``train_dataloader`` then hands its image loader to :meth:`TrainFeatureSource.dataloader` and
+returns a loader over the cached features instead. That loader is sized at once (Lightning asks
+for its length while the optimisers are configured, before calibration); its images are encoded
+for ``features.views`` augmented views (see :mod:`feature_cache`) in
+:meth:`~TrainFeatureSource.fill` at the start of training, after calibration. Lightning still
+owns the loader (it sets the sampler's epoch). Only documented Lightning hooks and properties
+are used.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.trainer.connectors.data_connector import _DataLoaderSource
 from torch.utils.data import DataLoader, DistributedSampler
 
 from p4q_lightning.training import seeding
@@ -31,57 +35,70 @@ if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import
 log = logging.getLogger(__name__)
 
 
-class _CachedSource(_DataLoaderSource):
-    """The fit loop's data source, answering with the cached-feature loader."""
-
-    def __init__(self, original: _DataLoaderSource, feature_source: TrainFeatureSource) -> None:
-        super().__init__(original.instance, original.name)
-        self.original = original
-        self.feature_source = feature_source
-
-    def dataloader(self) -> Any:
-        return self.feature_source.dataloader(self.original)
-
-
 class TrainFeatureSource:
-    """Owns the feature cache of one fit and the loader over it."""
+    """Owns the feature cache of one fit and the loader over it.
 
-    def __init__(self, module: LightningModule) -> None:
+    Uses from the module only its documented Lightning properties (``trainer``,
+    ``current_epoch``, ``device``), ``hparams`` (the model identity), ``features_args``,
+    ``distills`` and its :class:`~p4q_lightning.model.classifier.P4QClassifier` (features,
+    calibration state, student, method, spec).
+    """
+
+    def __init__(self, module: LightningModule, datamodule: Any) -> None:
         self.module = module
+        self.datamodule = datamodule
         self.cache: FeatureCache | None = None
         self.dataset: CachedFeatureDataset | None = None
+        self.images: DataLoader | None = None  # the datamodule's image loader: what is encoded
 
     @classmethod
-    def install(cls, module: LightningModule) -> TrainFeatureSource | None:
-        """Route the trainer's training data through the cache (None if not possible)."""
-        fit_loop = module.trainer.fit_loop
-        original = getattr(fit_loop, "_data_source", None)
-        if not isinstance(original, _DataLoaderSource):
-            log.warning(
-                "this Lightning version has no known training data source; using live augmentation"
-            )
+    def attach(cls, module: LightningModule) -> TrainFeatureSource | None:
+        """Have the trainer's datamodule serve this fit's cached features (None when
+        ``features.views`` is 0, or, with one warning, when the datamodule cannot serve them)."""
+        dm = module.trainer.datamodule
+        serve = getattr(dm, "serve_features", None)
+        views = int(module.features_args.views)
+        if views == 0:
+            if callable(serve):
+                serve(None)  # nothing left over from an earlier fit of another module
             return None
-        if isinstance(original, _CachedSource):
-            original = original.original
-        source = cls(module)
-        fit_loop._data_source = _CachedSource(original, source)
+        if not callable(serve):
+            if module.trainer.is_global_zero:
+                log.warning(
+                    "features.views=%d, but the training data comes from %s, which cannot serve "
+                    "cached image features (no serve_features method): training with live "
+                    "augmentation, both image towers on every step. Use a datamodule with "
+                    "p4q_lightning.data.FeatureServing (e.g. FewShotDataModule), or set "
+                    "model.features.views=0",
+                    views,
+                    "plain dataloaders" if dm is None else type(dm).__name__,
+                )
+            return None
+        source = cls(module, dm)
+        serve(source)
         return source
+
+    def detach(self) -> None:
+        """Give the datamodule its image loader back (at the end of the fit)."""
+        if getattr(self.datamodule, "feature_source", None) is self:
+            self.datamodule.serve_features(None)
 
     def set_epoch(self, epoch: int) -> None:
         if self.dataset is not None:
             self.dataset.epoch = epoch
 
-    def dataloader(self, original: _DataLoaderSource) -> DataLoader:
-        reference = original.dataloader()
-        if not isinstance(reference, DataLoader):
+    def dataloader(self, images: DataLoader) -> DataLoader:
+        """The loader over the cached features of ``images``' dataset, sized now and filled
+        by :meth:`fill`."""
+        if not isinstance(images, DataLoader):
             raise TypeError(
                 "feature caching needs the training data as one torch DataLoader, got "
-                f"{type(reference).__name__}; set model.features.views=0 for live augmentation"
+                f"{type(images).__name__}; set model.features.views=0 for live augmentation"
             )
-        if self.cache is None:
-            self.cache = self._build(reference)
-        self.dataset = CachedFeatureDataset(self.cache)
-        self.dataset.epoch = self.module.current_epoch
+        self.images = images
+        if self.dataset is None:
+            self.dataset = CachedFeatureDataset(self.cache, length=_length(images))
+            self.dataset.epoch = self.module.current_epoch
         trainer = self.module.trainer
         # The order is a function of (seed, epoch, rank) alone: Lightning calls set_epoch before
         # every epoch, so a resumed run shuffles exactly as the uninterrupted one, and the
@@ -92,16 +109,32 @@ class TrainFeatureSource:
             rank=trainer.global_rank,
             shuffle=True,
             seed=seeding.derived_seed("shuffle", int(self.module.hparams.init_seed)),
-            drop_last=reference.drop_last,
+            drop_last=images.drop_last,
         )
         sampler.set_epoch(self.module.current_epoch)
         return DataLoader(
             self.dataset,
-            batch_size=reference.batch_size or 32,
+            batch_size=images.batch_size or 32,
             sampler=sampler,
-            drop_last=reference.drop_last,
+            drop_last=images.drop_last,
             num_workers=0,  # in-memory tensors; the per-epoch view choice lives in this process
+            collate_fn=self.dataset.collate,
         )
+
+    def fill(self) -> None:
+        """Encode (or load) the features: at the start of training, after calibration and
+        before the first batch; every rank calls it at the same point (the build is
+        collective under DDP)."""
+        if self.dataset is None or self.images is None:
+            log.warning(
+                "the datamodule never asked for the cached-feature loader (its train_dataloader "
+                "does not return FeatureServing.serve(...)): no features were cached"
+            )
+            return
+        if self.cache is None:
+            self.cache = self._build(self.images)
+            self.dataset.fill(self.cache)
+        self.dataset.epoch = self.module.current_epoch
 
     def _build(self, reference: DataLoader) -> FeatureCache:
         module = self.module
@@ -161,7 +194,18 @@ class TrainFeatureSource:
             "seed": seed,
         }
         extra = {"identity": json.dumps(identity, sort_keys=True, default=str)}
-        dm = getattr(module.trainer, "datamodule", None)
+        dm = self.datamodule
         if dm is not None and getattr(dm, "hparams", None):
             extra["datamodule"] = json.dumps(dict(dm.hparams), sort_keys=True, default=str)
         return dataset_fingerprint(reference.dataset, extra)
+
+
+def _length(images: DataLoader) -> int:
+    """How many images the loader's dataset holds (the cached dataset's length)."""
+    try:
+        return len(images.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            "feature caching needs a training dataset with a length, got "
+            f"{type(images.dataset).__name__}; set model.features.views=0 for live augmentation"
+        ) from None

@@ -10,7 +10,6 @@ would need manual optimisation, which counts a step per optimiser).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
-    from lightning.pytorch import LightningModule
+    from lightning.pytorch import LightningModule, Trainer
 
 
 class PromptAdapterOptimizer(Optimizer):
@@ -137,44 +136,65 @@ def param_groups(module: LightningModule) -> list[dict[str, Any]]:
     return groups
 
 
-def configure(module: LightningModule) -> dict[str, Any]:
-    """The optimiser and its step-wise schedule for the trainable parts of ``module``."""
-    groups = param_groups(module)
-    if not groups:
-        raise ValueError(f"method={module.method!r} has no trainable parameters")
-    optimizer = PromptAdapterOptimizer(groups)
-    hp = module.optim_args
-    lambdas = [
-        WarmupCosine(hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0)
-        for g in groups
-    ]
-    scheduler = LambdaLR(optimizer, lambdas)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+def schedule_lengths(trainer: Trainer, warmup_epochs: float) -> tuple[int, int]:
+    """(warmup, total) optimiser steps of this fit, from the trainer's documented properties.
 
-
-def finalize_schedules(module: LightningModule) -> None:
-    """Fill in the schedule lengths once the trainer knows them (at the start of training)."""
-    trainer = module.trainer
+    ``estimated_stepping_batches`` loads the training loader if it is not loaded yet, so this
+    may run in ``configure_optimizers``; warmup is ``warmup_epochs`` times the optimiser steps
+    of one epoch (batches per epoch / gradient accumulation).
+    """
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ValueError(
             "the cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
         )
+    if warmup_epochs > 0 and trainer.max_epochs == -1:  # Lightning did not load the loader
+        raise ValueError(
+            "warmup_epochs needs the number of batches per epoch, which is not known before "
+            "training with max_epochs=-1 (max_steps only): set trainer.max_epochs (max_steps "
+            "still stops earlier) or warmup_epochs=0"
+        )
     per_epoch = trainer.num_training_batches
     per_epoch = (
         per_epoch / max(1, trainer.accumulate_grad_batches) if math.isfinite(per_epoch) else 0
     )
-    warmup = int(round(module.optim_args.warmup_epochs * per_epoch))
-    for config in trainer.lr_scheduler_configs:
-        sched = config.scheduler
-        if not isinstance(sched, LambdaLR):
-            continue
-        for fn in sched.lr_lambdas:
-            if isinstance(fn, WarmupCosine):
-                fn.warmup_steps, fn.total_steps = warmup, int(total)
-        # Re-apply the current step's rates through the scheduler's own ``step`` (which also
-        # updates ``get_last_lr()``): one step back, then one forward to the same step.
-        sched.last_epoch -= 1
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            sched.step()
+    return int(round(warmup_epochs * per_epoch)), int(total)
+
+
+class WarmupCosineLR(LambdaLR):
+    """``LambdaLR`` over :class:`WarmupCosine` factors whose shape belongs to this fit.
+
+    Loading a checkpoint restores the step and the base rates but keeps this fit's factors, so
+    a fit resumed with more epochs follows the longer schedule; the rates of the restored step
+    are recomputed under it (equal to the saved ones when nothing changed).
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        for group, base, fn in zip(
+            self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * fn(self.last_epoch)
+
+    def get_last_lr(self) -> list[float]:
+        """The rates in force now (after a resume with longer lengths, the recomputed ones)."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+
+def configure(module: LightningModule) -> dict[str, Any]:
+    """The optimiser and its step-wise schedule over this fit for the trainable parts of
+    ``module`` (attached to a trainer that is about to fit)."""
+    groups = param_groups(module)
+    if not groups:
+        raise ValueError(f"method={module.method!r} has no trainable parameters")
+    optimizer = PromptAdapterOptimizer(groups)
+    hp = module.optim_args
+    warmup, total = schedule_lengths(module.trainer, hp.warmup_epochs)
+    lambdas = [
+        WarmupCosine(
+            hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0, warmup, total
+        )
+        for g in groups
+    ]
+    scheduler = WarmupCosineLR(optimizer, lambdas)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
