@@ -28,19 +28,19 @@ from p4q_lightning.module import P4QModule
 def test_a_group_comes_from_none_a_dict_or_an_instance(name):
     cls = GROUPS[name]
     default = cls()
-    assert as_group(cls, None, name) == default
-    assert as_group(cls, default, name) is default
+    assert as_group(cls, None, f"model.{name}") == default
+    assert as_group(cls, default, f"model.{name}") is default
     first = dataclasses.fields(cls)[0]
-    assert as_group(cls, {first.name: first.default}, name) == default
+    assert as_group(cls, {first.name: first.default}, f"model.{name}") == default
 
 
 @pytest.mark.parametrize("name", list(GROUPS))
 def test_an_unknown_option_names_the_group_and_its_options(name):
     cls = GROUPS[name]
     with pytest.raises(ValueError, match=rf"model\.{name} has no option 'nope'; its options are"):
-        as_group(cls, {"nope": 1}, name)
+        as_group(cls, {"nope": 1}, f"model.{name}")
     with pytest.raises(TypeError, match=rf"model\.{name} must be a mapping"):
-        as_group(cls, 3, name)  # type: ignore[arg-type]
+        as_group(cls, 3, f"model.{name}")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ import pytest
 from p4q_lightning import __version__, cli
 from p4q_lightning.args import GROUPS
 from p4q_lightning.data import FewShotDataModule
+from p4q_lightning.data.hub import HubArgs
+from p4q_lightning.data.sources import SyntheticArgs
 from p4q_lightning.module import P4QModule
 
 PROBE = """
@@ -55,7 +57,9 @@ def test_no_command_shows_the_overview_and_fails(capsys):
     assert "compare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cls", [P4QModule, FewShotDataModule, *GROUPS.values()])
+@pytest.mark.parametrize(
+    "cls", [P4QModule, FewShotDataModule, *GROUPS.values(), HubArgs, SyntheticArgs]
+)
 def test_every_argument_has_its_own_docstring_entry(cls):
     """LightningCLI turns each ``name: text`` docstring entry into that argument's help; an entry
     naming several parameters at once gives none of them a help line."""

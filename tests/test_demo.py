@@ -22,7 +22,7 @@ def reduced_demo(tmp_path_factory):
         "--model.features.cache_dir", str(root / "features"),
         "--model.features.views", "4",
         "--trainer.max_epochs", "10",
-        "--data.init_args.synthetic_test_per_class", "15",
+        "--data.init_args.synthetic.test_per_class", "15",
         "--data.init_args.calib_images", "256",
     ]  # fmt: skip
     mp = pytest.MonkeyPatch()

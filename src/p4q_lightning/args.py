@@ -184,18 +184,20 @@ T = TypeVar("T")
 
 
 def as_group(cls: type[T], value: T | Mapping[str, Any] | None, name: str) -> T:
-    """``value`` as a ``cls`` instance: an instance, a dict of its fields or None (defaults)."""
+    """``value`` as a ``cls`` instance: an instance, a dict of its fields or None (defaults).
+
+    ``name`` is the group's place in the config (``model.prompt``), for the error message."""
     if value is None:
         return cls()
     if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        raise TypeError(f"model.{name} must be a mapping of options, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a mapping of options, got {type(value).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(value) - fields)
     if unknown:
         raise ValueError(
-            f"model.{name} has no option {', '.join(map(repr, unknown))}; "
+            f"{name} has no option {', '.join(map(repr, unknown))}; "
             f"its options are {', '.join(sorted(fields))}"
         )
     return cls(**value)

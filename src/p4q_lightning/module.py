@@ -87,11 +87,11 @@ class P4QModule(LightningModule):
     ) -> None:
         super().__init__()
         traits(method)  # an unknown method fails before any model is built
-        self.prompt_args = as_group(PromptArgs, prompt, "prompt")
-        self.adapter_args = as_group(AdapterArgs, adapter, "adapter")
-        self.loss_args = as_group(LossArgs, loss, "loss")
-        self.optim_args = as_group(OptimArgs, optim, "optim")
-        self.features_args = as_group(FeatureArgs, features, "features")
+        self.prompt_args = as_group(PromptArgs, prompt, "model.prompt")
+        self.adapter_args = as_group(AdapterArgs, adapter, "model.adapter")
+        self.loss_args = as_group(LossArgs, loss, "model.loss")
+        self.optim_args = as_group(OptimArgs, optim, "model.optim")
+        self.features_args = as_group(FeatureArgs, features, "model.features")
         # plain values only: checkpoints are read back with torch.load(weights_only=True)
         self.save_hyperparameters(
             {

@@ -38,7 +38,10 @@ def test_imagefolder_builder(dm_factory, tmp_path):
     write_class_folders(root / "train", ["sea_lion", "hermit_crab"], 6)
     write_class_folders(root / "test", ["sea_lion", "hermit_crab"], 2, seed=1)
     dm = dm_factory(
-        "imagefolder", data_dir=str(root), hf_cache_dir=str(tmp_path / "hf_cache"), shots=4, seed=1
+        "imagefolder",
+        hub={"data_dir": str(root), "cache_dir": str(tmp_path / "hf_cache")},
+        shots=4,
+        seed=1,
     )
     dm.setup("fit")
     dm.setup("test")

@@ -88,8 +88,7 @@ def test_synthetic_datamodule_source(dm_factory):
         shots=2,
         seed=1,
         image_size=None,
-        synthetic_train_per_class=6,
-        synthetic_test_per_class=2,
+        synthetic={"train_per_class": 6, "test_per_class": 2},
     )
     dm.setup("fit")
     dm.setup("test")

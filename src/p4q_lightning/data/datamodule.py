@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -12,6 +13,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import DataLoader, Dataset
 
+from p4q_lightning.args import as_group
 from p4q_lightning.data.cache import cache_dir
 from p4q_lightning.data.datasets import MemoryDataset, SourceDataset, collate_skip_none, decode_all
 from p4q_lightning.data.feature_serving import FeatureServing
@@ -22,8 +24,8 @@ from p4q_lightning.data.fewshot import (
     split_path,
     write_split,
 )
-from p4q_lightning.data.hub import HubSource, is_saved_dataset
-from p4q_lightning.data.sources import FolderSource, ImageSource, SyntheticSource
+from p4q_lightning.data.hub import HubArgs, HubSource, is_saved_dataset
+from p4q_lightning.data.sources import FolderSource, ImageSource, SyntheticArgs, SyntheticSource
 from p4q_lightning.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -72,17 +74,8 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         in_memory: decode the few-shot train/val images once and keep them in memory.
         cache_shorter_side: in-memory images are downscaled to this shorter side (None:
             ``image_size * 8 / 7``, i.e. 256 for 224) to bound memory.
-        data_dir: Hugging Face ``data_dir`` (e.g. with the ``imagefolder`` builder).
-        hf_config: Hugging Face dataset config name (None: detected).
-        image_column: the image column (None: detected).
-        label_column: the label column (None: detected).
-        train_split: the hub split to sample shots from (None: detected).
-        val_split: the hub split for validation (None: detected).
-        test_split: the hub split for testing (None: detected).
-        hf_cache_dir: Hugging Face datasets cache directory.
-        world_seed: the synthetic world (``synthetic:<seed>`` sets it too).
-        synthetic_train_per_class: synthetic training pool per class.
-        synthetic_test_per_class: synthetic test images per class.
+        hub: Hugging Face ``datasets`` options (data_dir, config, columns, splits, cache_dir).
+        synthetic: the generated demo world (world seed, images per class).
     """
 
     def __init__(
@@ -110,28 +103,27 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         templates: list[str] | None = None,
         in_memory: bool = True,
         cache_shorter_side: int | None = None,
-        data_dir: str | None = None,
-        hf_config: str | None = None,
-        image_column: str | None = None,
-        label_column: str | None = None,
-        train_split: str | None = None,
-        val_split: str | None = None,
-        test_split: str | None = None,
-        hf_cache_dir: str | None = None,
-        world_seed: int = 0,
-        synthetic_train_per_class: int = 64,
-        synthetic_test_per_class: int = 50,
+        hub: HubArgs = HubArgs(),
+        synthetic: SyntheticArgs = SyntheticArgs(),
     ):
         super().__init__()
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if shots < 1:
             raise ValueError(f"shots={shots}: use a positive number of images per class")
         if batch_size < 1 or calib_images < 0:
             raise ValueError("batch_size must be positive and calib_images non-negative")
-        self.save_hyperparameters()
+        self.hub_args = as_group(HubArgs, hub, "data.hub")
+        self.synthetic_args = as_group(SyntheticArgs, synthetic, "data.synthetic")
+        # plain values only: checkpoints are read back with torch.load(weights_only=True)
+        arguments.update(
+            hub=dataclasses.asdict(self.hub_args), synthetic=dataclasses.asdict(self.synthetic_args)
+        )
+        self.save_hyperparameters(arguments)
         self.dataset = dataset
         self.shots, self.seed = shots, seed
-        self.synthetic = dataset == SYNTHETIC or dataset.startswith(SYNTHETIC + ":")
-        if self.synthetic and ":" in dataset:
+        self.is_synthetic = dataset == SYNTHETIC or dataset.startswith(SYNTHETIC + ":")
+        world_seed = self.synthetic_args.world_seed
+        if self.is_synthetic and ":" in dataset:
             try:
                 world_seed = int(dataset.split(":", 1)[1])
             except ValueError:
@@ -139,12 +131,12 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
                     f"dataset={dataset!r}: use 'synthetic' or 'synthetic:<world_seed>'"
                 ) from None
         self.world_seed = world_seed
-        self.image_size = image_size or (32 if self.synthetic else 224)
+        self.image_size = image_size or (32 if self.is_synthetic else 224)
         # the command line fills these from the model's preprocessing config (P4QCLI)
         self.mean = tuple(mean) if mean else OPENAI_DATASET_MEAN
         self.std = tuple(std) if std else OPENAI_DATASET_STD
         self.interpolation = interpolation or "bicubic"
-        default_scale = (0.5, 1.0) if self.synthetic else (0.08, 1.0)
+        default_scale = (0.5, 1.0) if self.is_synthetic else (0.08, 1.0)
         self.crop_scale = tuple(crop_scale) if crop_scale else default_scale
         self.split_dir = split_dir
         self.classnames: list[str] = []
@@ -167,11 +159,9 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         return self._source
 
     def _open_source(self) -> ImageSource:
-        hp = self.hparams
-        if self.synthetic:
-            return SyntheticSource(
-                self.world_seed, hp.synthetic_train_per_class, hp.synthetic_test_per_class
-            )
+        if self.is_synthetic:
+            world = self.synthetic_args
+            return SyntheticSource(self.world_seed, world.train_per_class, world.test_per_class)
         path = os.path.expanduser(self.dataset)
         if is_saved_dataset(path):
             return self._hub_source()
@@ -202,17 +192,17 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         return FolderSource(path)
 
     def _hub_source(self) -> HubSource:
-        hp = self.hparams
+        hub = self.hub_args
         return HubSource(
             self.dataset,
-            hp.data_dir,
-            hp.hf_config,
-            hp.image_column,
-            hp.label_column,
-            hp.train_split,
-            hp.val_split,
-            hp.test_split,
-            hp.hf_cache_dir,
+            hub.data_dir,
+            hub.config,
+            hub.image_column,
+            hub.label_column,
+            hub.train_split,
+            hub.val_split,
+            hub.test_split,
+            hub.cache_dir,
         )
 
     def _set_classes(self, source: ImageSource) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,33 @@ from p4q_lightning.data.catalog import DEFAULT_TEMPLATES, folder_to_classname, k
 from p4q_lightning.data.sources import ImageSource, decode_image
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HubArgs:
+    """Options of a Hugging Face ``datasets`` source (``data.init_args.hub`` in YAML); every
+    one is detected when left unset.
+
+    Args:
+        data_dir: Hugging Face ``data_dir`` (e.g. with the ``imagefolder`` builder).
+        config: Hugging Face dataset config name (None: detected).
+        image_column: the image column (None: detected).
+        label_column: the label column (None: detected).
+        train_split: the hub split to sample shots from (None: detected).
+        val_split: the hub split for validation (None: detected).
+        test_split: the hub split for testing (None: detected).
+        cache_dir: Hugging Face datasets cache directory.
+    """
+
+    data_dir: str | None = None
+    config: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+    cache_dir: str | None = None
+
 
 _VAL_NAMES = ("validation", "valid", "val")
 _TEST_NAMES = ("test", *_VAL_NAMES)

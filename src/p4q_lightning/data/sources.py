@@ -14,6 +14,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -194,6 +195,21 @@ class FolderSource(ImageSource):
     def fingerprint(self) -> str:
         digest = hashlib.sha1("\n".join(self.keys("train")).encode()).hexdigest()[:16]
         return f"{len(self.labels('train'))}-{digest}"
+
+
+@dataclass(frozen=True)
+class SyntheticArgs:
+    """The generated demo world (``data.init_args.synthetic`` in YAML).
+
+    Args:
+        world_seed: the synthetic world (``dataset: synthetic:<seed>`` sets it too).
+        train_per_class: synthetic training pool per class.
+        test_per_class: synthetic test images per class.
+    """
+
+    world_seed: int = 0
+    train_per_class: int = 64
+    test_per_class: int = 50
 
 
 class SyntheticSource(ImageSource):
