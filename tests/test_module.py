@@ -205,37 +205,6 @@ def test_calibration_callback_is_added_once_and_skips_a_calibrated_student(world
     assert own.seconds is None  # already calibrated: skipped
 
 
-def test_cached_features_equal_live_features(world):
-    from p4q_lightning.training.feature_cache import CachedFeatureDataset, build_feature_cache
-
-    dm = make_dm(world)
-    dm.train_dataset.transform = dm.eval_tf  # deterministic views
-    module = make_module(world)
-    module.set_classes(dm.classnames, dm.templates)
-    module.classifier.calibrate(dm.calibration_dataloader(), progress=False)
-    encoders = {
-        "student": module.classifier.student_image_features,
-        "teacher": module.classifier.teacher_image_features,
-    }
-    cache = build_feature_cache(dm.train_dataset, encoders, views=3, batch_size=5, progress=False)
-    assert cache.features["student"].shape == (3, 32, 32)
-    images, labels = next(iter(torch.utils.data.DataLoader(dm.train_dataset, batch_size=32)))
-    torch.testing.assert_close(
-        cache.features["student"][1], module.classifier.student_image_features(images)
-    )
-    torch.testing.assert_close(
-        cache.features["teacher"][2], module.classifier.teacher_image_features(images)
-    )
-    assert torch.equal(cache.labels, labels)
-    ds = CachedFeatureDataset(cache)
-    seen = set()
-    for epoch in range(3):
-        ds.epoch = epoch
-        seen.add(int((epoch + cache.offsets[0]) % 3))
-        assert set(ds[0]) == {"student", "teacher", "label"}
-    assert seen == {0, 1, 2}  # every view once per `views` epochs
-
-
 def test_clear_errors(world):
     with pytest.raises(ValueError, match="unknown method"):
         make_module(world, method="qat")
@@ -257,21 +226,6 @@ def test_validate_then_fit_in_one_process(world, tmp_path):
     t.fit(module, dm)
     assert t.global_step == 4
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_feature_cache_on_disk_is_reused(world, tmp_path, caplog):
-    import logging
-
-    seed_everything(0)
-    dm = make_dm(world)
-    cache_dir = tmp_path / "features"
-    for _ in range(2):
-        module = make_module(world, feature_cache_dir=str(cache_dir))
-        with caplog.at_level(logging.INFO, logger="p4q_lightning"):
-            trainer(tmp_path, max_epochs=1).fit(module, dm)
-    files = list(cache_dir.glob("features-*.pt"))
-    assert len(files) == 1
-    assert any("loaded cached image features" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow
