@@ -13,6 +13,8 @@ above them).
 
 from __future__ import annotations
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -154,6 +156,14 @@ def test_wrong_shared_prefix_is_refused(towers, tokenizer):
         encode_prompts(model, pl(), pl.eot_index, shared_prefix=4)
     with pytest.raises(ValueError, match="end-of-text"):
         encode_prompts(model, pl(), pl.eot_index, shared_prefix=40)
+
+
+def test_float_attention_with_separate_qkv_weights_is_not_supported(towers):
+    """``in_proj_weight is None`` (separate q/k/v weights) is the public test for it."""
+    block = copy.deepcopy(towers["float"].transformer.resblocks[0])
+    assert sp._block_supported(block, training=False)
+    block.attn = nn.MultiheadAttention(64, 4, kdim=32, vdim=32)
+    assert not sp._block_supported(block, training=False)
 
 
 def test_teacher_prompt_features_use_the_shared_prefix(world, spy):
