@@ -132,6 +132,30 @@ def test_load_from_checkpoint_gives_identical_logits(fitted):
     )
 
 
+def test_checkpoint_in_the_old_attention_layout_loads(fitted, tmp_path):
+    """Slim checkpoints written before attention's q/k/v projection became the ``in_proj``
+    leaf name its quantizers ``attn.input_quantizer.*`` / ``attn.weight_quantizer.*``, and
+    those written before the classifier was its own module lack the ``classifier.`` prefix; a
+    checkpoint is data, so such a file is built by renaming a new one's keys back."""
+    module, path, dm = fitted
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    renamed = {
+        k.replace(".attn.in_proj.", ".attn.").removeprefix("classifier."): v
+        for k, v in ckpt["state_dict"].items()
+    }
+    assert any(".attn.input_quantizer." in k for k in renamed)
+    assert "prompt_learner.ctx" in renamed
+    ckpt["state_dict"] = renamed
+    old = tmp_path / "old_layout.ckpt"
+    torch.save(ckpt, old)
+    images = next(iter(dm.val_dataloader()))[0]
+    restored = P4QModule.load_from_checkpoint(old).eval()  # strict: every key is placed
+    assert not restored.classifier.needs_calibration
+    assert torch.equal(
+        restored.classifier.student_logits(images), module.eval().classifier.student_logits(images)
+    )
+
+
 def test_trainer_restores_into_a_fresh_module(world, fitted, tmp_path):
     module, path, dm = fitted
     images = next(iter(dm.val_dataloader()))[0]

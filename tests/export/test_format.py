@@ -154,3 +154,12 @@ def test_text_features_need_matching_classnames(w8, tmp_path, tiny_name) -> None
             classnames=["a"],
             text_features=torch.zeros(3, 32),
         )
+
+
+def test_newer_format_is_refused(exported: Path) -> None:
+    tensors, info = read_container(exported)
+    assert info["format_version"] == fmt.FORMAT_VERSION
+    info["format_version"] = fmt.FORMAT_VERSION + 1
+    write_container(exported, tensors, {k: v for k, v in info.items() if k != "format"})
+    with pytest.raises(LowBitFormatError, match="newer than this p4q_lightning reads"):
+        load_lowbit(exported)

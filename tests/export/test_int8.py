@@ -14,15 +14,15 @@ from export_helpers import CLASSNAMES
 
 from p4q_lightning.export import (
     Int8Linear,
-    Int8MultiheadAttention,
     convert_to_int8,
     export_lowbit,
     fbgemm_exact,
     int8_backend,
+    int8_convertible,
     load_lowbit,
 )
 from p4q_lightning.export import int8 as int8_module
-from p4q_lightning.quant import GroupSpec, QuantLinear
+from p4q_lightning.quant import GroupSpec, QuantLinear, QuantMultiheadAttention
 
 # None = the kernel the library selects on this CPU; it is tested everywhere, never skipped.
 BACKENDS = [None, "fbgemm", "int_mm"]
@@ -138,7 +138,9 @@ def test_converted_student_agrees_with_fake_quant(tiny_float, images, preset: st
 
     student, text = make_student(tiny_float, preset)
     int8 = convert_to_int8(copy.deepcopy(student))
-    assert any(isinstance(m, Int8MultiheadAttention) for m in int8.modules())
+    # the same attention class, now with an int8 q/k/v projection leaf
+    attentions = [m for m in int8.modules() if isinstance(m, QuantMultiheadAttention)]
+    assert attentions and all(isinstance(m.in_proj, Int8Linear) for m in attentions)
     assert any(isinstance(m, Int8Linear) for m in int8.modules())
     with torch.no_grad():
         ref, out = student.encode_image(images), int8.encode_image(images)
@@ -201,3 +203,60 @@ def test_official_grid_codes_reach_int8() -> None:
         ref = layer(x)
         out = Int8Linear.from_quant_linear(layer, "int_mm")(x)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def _attention(internals_bits: int | None) -> QuantMultiheadAttention:
+    """A calibrated w8a8 attention (q/k/v and probabilities quantized unless bits is None)."""
+    torch.manual_seed(0)
+    spec = GroupSpec(w_bits=8, a_bits=8, a_observer="minmax")
+    attn = QuantMultiheadAttention(
+        torch.nn.MultiheadAttention(48, 4),
+        spec,
+        GroupSpec(a_bits=internals_bits, a_observer="minmax"),
+        spec,
+        "vision",
+    )
+    attn.in_proj.freeze_weights()
+    attn.out_proj.freeze_weights()
+    attn.in_proj.input_quantizer.set_range(torch.tensor([-3.0]), torch.tensor([3.0]))
+    attn.out_proj.input_quantizer.set_range(torch.tensor([-1.5]), torch.tensor([1.5]))
+    if internals_bits is not None:
+        for q in (attn.q_quantizer, attn.k_quantizer, attn.v_quantizer):
+            q.set_range(torch.tensor([-4.0]), torch.tensor([4.0]))
+        attn.probs_quantizer.set_range(torch.tensor([0.0]), torch.tensor([1.0]))
+    return attn.eval()
+
+
+@pytest.mark.parametrize("backend", [None, "int_mm"])
+@pytest.mark.parametrize("internals_bits", [8, None])
+def test_int8_attention_is_the_same_class_with_int8_leaves(
+    internals_bits: int | None, backend: str | None
+) -> None:
+    """``convert_to_int8`` swaps the attention's projection leaves, not the attention: its own
+    forward (masks, q/k/v codes) runs around the integer GEMMs and agrees with fake-quant."""
+    attn = _attention(internals_bits)
+    model = torch.nn.Sequential(attn)
+    fake = copy.deepcopy(model)
+    convert_to_int8(model, backend)
+    assert type(model[0]) is QuantMultiheadAttention
+    assert isinstance(model[0].in_proj, Int8Linear) and isinstance(model[0].out_proj, Int8Linear)
+    x = torch.randn(7, 3, 48, generator=torch.Generator().manual_seed(3))  # [L, B, E]
+    mask = torch.full((7, 7), float("-inf")).triu_(1)
+    with torch.no_grad():
+        ref, _ = fake[0](x, x, x, need_weights=False, attn_mask=mask)
+        out, _ = model[0](x, x, x, need_weights=False, attn_mask=mask)
+    assert out.shape == ref.shape
+    # the integer GEMMs give the fake-quant values up to float rounding of the rescale; with
+    # this seed no q/k/v or probability code sits on a rounding tie, so nothing flips
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_int8_filter_picks_only_per_tensor_quantized_linears() -> None:
+    attn = _attention(8)
+    assert int8_convertible(attn.in_proj, "attn.in_proj")
+    assert int8_convertible(attn.out_proj, "attn.out_proj")
+    assert not int8_convertible(attn, "attn")
+    per_channel = QuantLinear(8, 8, GroupSpec(w_bits=8, a_bits=8, a_per_channel=True), "test")
+    assert not int8_convertible(per_channel)
+    uncalibrated = QuantLinear(8, 8, GroupSpec(w_bits=8, a_bits=8), "test")
+    assert not int8_convertible(uncalibrated)

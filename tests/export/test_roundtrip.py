@@ -105,3 +105,49 @@ def test_adapter_round_trip(student, images, tmp_path, tiny_name) -> None:
     out = loaded.logits(images)
     assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-4
     assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def _format_2_layout(name: str) -> str:
+    """``name`` as format 1-2 files spelt it: attention's q/k/v projection was not a leaf.
+
+    A file is data, so an old one is built from a new one by renaming its keys (and the names
+    in its metadata) back; ``attn.in_proj.X`` was ``attn.in_proj_X`` for the weight and bias
+    and plain ``attn.X`` for the quantizers.
+    """
+    head, sep, local = name.partition(".attn.in_proj.")
+    if not sep:
+        return name
+    if local in ("weight", "bias"):
+        return f"{head}.attn.in_proj_{local}"
+    return f"{head}.attn.{local}"
+
+
+def test_format_2_file_loads(student, images, tmp_path, tiny_name) -> None:
+    from p4q_lightning.export import write_container
+
+    preset, model, text = student
+    path = export_lowbit(
+        tmp_path / "new.safetensors",
+        model,
+        model_name=tiny_name,
+        classnames=CLASSNAMES,
+        text_features=text,
+        logit_scale=100.0,
+    ).path
+    tensors, info = read_container(path)
+    assert info["format_version"] == 3
+    assert any(k.endswith(".attn.in_proj.weight") for k in info["quantized"])
+    old_tensors = {_format_2_layout(k): t for k, t in tensors.items()}
+    assert any(k.endswith(".attn.in_proj_weight") for k in old_tensors)
+    assert any(k.endswith(".attn.weight_quantizer.scale") for k in old_tensors)
+    assert not any(".attn.in_proj." in k for k in old_tensors)
+    old_info = dict(info, format_version=2)
+    for table in ("quantized", "zeros"):
+        old_info[table] = {_format_2_layout(k): v for k, v in info[table].items()}
+    del old_info["format"]
+    write_container(tmp_path / "old.safetensors", old_tensors, old_info)
+    assert read_container(tmp_path / "old.safetensors")[1]["format_version"] == 2
+    new, old = load_lowbit(path), load_lowbit(tmp_path / "old.safetensors")
+    assert torch.equal(old.logits(images), new.logits(images))
+    for key, value in new.state_dict().items():
+        assert torch.equal(old.state_dict()[key], value), key

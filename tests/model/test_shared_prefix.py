@@ -13,6 +13,8 @@ above them).
 
 from __future__ import annotations
 
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -154,6 +156,32 @@ def test_wrong_shared_prefix_is_refused(towers, tokenizer):
         encode_prompts(model, pl(), pl.eot_index, shared_prefix=4)
     with pytest.raises(ValueError, match="end-of-text"):
         encode_prompts(model, pl(), pl.eot_index, shared_prefix=40)
+
+
+def test_int8_leaves_keep_the_shared_prefix_exact(towers, tokenizer, spy):
+    """After ``convert_to_int8`` the attention is the same class with int8 ``in_proj`` and
+    ``out_proj`` leaves; ``heads()`` calls the leaf, so the shared path runs and stays exact
+    (integer GEMMs act per position like the fake-quant layers)."""
+    from p4q_lightning.export import Int8Linear, convert_to_int8
+
+    model = convert_to_int8(copy.deepcopy(towers["w8a8"]))
+    attn = model.transformer.resblocks[0].attn
+    assert isinstance(attn.in_proj, Int8Linear) and isinstance(attn.out_proj, Int8Linear)
+    assert TextTower(model).shared_prefix_supported()
+    pl = _learner(model, tokenizer)
+    with torch.no_grad():
+        full = encode_prompts(model, pl(), pl.eot_index, shared_prefix=0)
+        shared = encode_prompts(model, pl(), pl.eot_index, shared_prefix=pl.shared_prefix_length)
+    assert spy["prefix"] == 1
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())
+
+
+def test_float_attention_with_separate_qkv_weights_is_not_supported(towers):
+    """``in_proj_weight is None`` (separate q/k/v weights) is the public test for it."""
+    block = copy.deepcopy(towers["float"].transformer.resblocks[0])
+    assert sp._block_supported(block, training=False)
+    block.attn = nn.MultiheadAttention(64, 4, kdim=32, vdim=32)
+    assert not sp._block_supported(block, training=False)
 
 
 def test_teacher_prompt_features_use_the_shared_prefix(world, spy):

@@ -36,22 +36,29 @@ def test_w4a4_quantizes_every_layer_at_4_bits(tiny_clip: nn.Module) -> None:
     ]
     assert float_layers == [], f"left in float: {float_layers}"
     kinds = {type(m) for _, m in quant_modules(student)}
-    assert kinds == {QuantLinear, QuantConv2d, QuantEmbedding, QuantMultiheadAttention}
+    assert kinds == {QuantLinear, QuantConv2d, QuantEmbedding}
     n_blocks = len(student.visual.transformer.resblocks) + len(student.transformer.resblocks)
-    assert (
-        sum(isinstance(m, QuantMultiheadAttention) for _, m in quant_modules(student)) == n_blocks
-    )
+    # every quantized weight is found once: 4 linears per block, the patch conv, the token table
+    weights = [id(m.weight) for _, m in quant_modules(student)]
+    assert len(weights) == len(set(weights)) == 4 * n_blocks + 2
     for name, m in quant_modules(student):
         assert m.weight_quantizer.bits == 4, name
         if isinstance(m, QuantEmbedding):
             assert m.weight_quantizer.scale.numel() == m.num_embeddings, "token table: per row"
         else:
             assert m.input_quantizer.bits == 4, name
-        if isinstance(m, QuantMultiheadAttention):
-            assert m.internals_quantized
-            for q in (m.q_quantizer, m.k_quantizer, m.v_quantizer, m.probs_quantizer):
-                assert q.bits == 4, name
-            assert isinstance(m.out_proj, QuantLinear) and m.out_proj.weight_quantizer.bits == 4
+    attentions = [m for m in student.modules() if isinstance(m, QuantMultiheadAttention)]
+    assert len(attentions) == n_blocks
+    for m in attentions:
+        assert m.internals_quantized
+        for q in (m.q_quantizer, m.k_quantizer, m.v_quantizer, m.probs_quantizer):
+            assert q.bits == 4
+        # the projections are the leaves that hold the weights; the attention holds none
+        assert isinstance(m.in_proj, QuantLinear) and m.in_proj.group.endswith(".attn_qkv")
+        assert isinstance(m.out_proj, QuantLinear) and m.out_proj.group.endswith(".attn_out")
+        assert (m.in_proj.in_features, m.in_proj.out_features) == (m.embed_dim, 3 * m.embed_dim)
+        assert m.out_proj.weight_quantizer.bits == 4
+        assert not hasattr(m, "weight") and not hasattr(m, "input_quantizer")
     assert quant_spec_of(student).name == "w4a4"
 
 
@@ -62,7 +69,7 @@ def test_p4q_448_student_quantizes_only_the_official_tensors(tiny_clip: nn.Modul
     assert not student.token_embedding.weight_quantizer.enabled
     for block in [*student.visual.transformer.resblocks, *student.transformer.resblocks]:
         attn = block.attn
-        assert (attn.weight_quantizer.bits, attn.input_quantizer.bits) == (8, 8)
+        assert (attn.in_proj.weight_quantizer.bits, attn.in_proj.input_quantizer.bits) == (8, 8)
         assert (attn.out_proj.weight_quantizer.bits, attn.out_proj.input_quantizer.bits) == (
             8,
             None,
@@ -203,9 +210,11 @@ def test_calibrate_accepts_tensors_iterables_and_labelled_pairs(
     act_names = {n for n, q in quantizers(a) if isinstance(q, ActivationQuantizer)}
     assert set(stats) == act_names
     groups = group_statistics(stats, a)
-    assert {"vision.mlp_fc", "text.attn_qkv", "text.attn_internals", "vision.patch_embed"} <= set(
-        groups
-    )
+    # exactly the groups with activation quantizers (no module name left as a group)
+    layer_groups = ("attn_qkv", "attn_out", "attn_internals", "mlp_fc", "mlp_proj")
+    assert set(groups) == {"vision.patch_embed"} | {
+        f"{tower}.{g}" for tower in ("vision", "text") for g in layer_groups
+    }
     assert all(0.0 <= g["clip_ratio"] <= 1.0 for g in groups.values())
 
 

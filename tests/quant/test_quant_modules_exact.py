@@ -54,9 +54,9 @@ def _attention(softmax_quantizer: str = "uniform") -> QuantMultiheadAttention:
     w8a8 = GroupSpec(w_bits=8, a_bits=8)
     internals = GroupSpec(a_bits=8, softmax_quantizer=softmax_quantizer)
     attn = QuantMultiheadAttention(mha, w8a8, internals, w8a8, "text")
-    attn.freeze_weights()
+    attn.in_proj.freeze_weights()
     attn.out_proj.freeze_weights()
-    _pow2_range(attn.input_quantizer, -2, 128)
+    _pow2_range(attn.in_proj.input_quantizer, -2, 128)
     _pow2_range(attn.q_quantizer, -4, 120)  # q, k, v: three different scales on purpose
     _pow2_range(attn.k_quantizer, -3, 131)
     _pow2_range(attn.v_quantizer, -5, 127)
@@ -72,7 +72,7 @@ def _reference(
     """Dequantize everything, then compute attention exactly as nn.MultiheadAttention does."""
     b, length, _ = x.shape
     hd = E // HEADS
-    qkv = F.linear(attn.input_quantizer(x), attn.in_proj_weight, attn.in_proj_bias)
+    qkv = F.linear(attn.in_proj.input_quantizer(x), attn.in_proj.weight, attn.in_proj.bias)
     q, k, v = qkv.view(b, length, 3, HEADS, hd).permute(2, 0, 3, 1, 4)
     q, k, v = attn.q_quantizer(q), attn.k_quantizer(k), attn.v_quantizer(v)
     scores = (q * hd**-0.5) @ k.transpose(-2, -1)

@@ -9,11 +9,11 @@ from p4q_lightning.export.format import (
 )
 from p4q_lightning.export.int8 import (
     Int8Linear,
-    Int8MultiheadAttention,
     convert_to_int8,
     cpu_int8_report,
     fbgemm_exact,
     int8_backend,
+    int8_convertible,
 )
 from p4q_lightning.export.loader import LowBitCLIP, load_lowbit
 from p4q_lightning.export.packing import pack_codes, packed_nbytes, storage_bits, unpack_codes
@@ -30,7 +30,6 @@ __all__ = [
     "ExportReport",
     "ExportWriteError",
     "Int8Linear",
-    "Int8MultiheadAttention",
     "LowBitCLIP",
     "LowBitFormatError",
     "convert_to_int8",
@@ -40,6 +39,7 @@ __all__ = [
     "fbgemm_exact",
     "float32_nbytes",
     "int8_backend",
+    "int8_convertible",
     "load_lowbit",
     "lowbit_state",
     "pack_codes",

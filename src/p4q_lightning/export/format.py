@@ -9,7 +9,10 @@ What the checksum does *not* do: authenticate. Anyone who edits a file can recom
 protects against accidents (truncation, bit rot, a half-copied file), not against tampering.
 Safety against a crafted file comes from the loader instead: it never imports or calls anything
 the file names, and :mod:`p4q_lightning.export.schema` validates every field before use.
-Format 2 names the adapter by a registered kind; format 1 named it by import path.
+Format 2 names the adapter by a registered kind; format 1 named it by import path. Format 3
+stores attention's packed q/k/v projection as its ``in_proj`` leaf (``attn.in_proj.weight``,
+``attn.in_proj.weight_quantizer.scale``...) where formats 1-2 had ``attn.in_proj_weight`` and
+``attn.weight_quantizer.scale``; the loader renames the old names.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from p4q_lightning.files import atomic_write
 log = logging.getLogger(__name__)
 
 FORMAT = "p4q-lowbit"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: the first version with attention's q/k/v projection stored as the ``in_proj`` leaf
+ATTENTION_LEAF_VERSION = 3
 _CHUNK = 16 << 20
 
 

@@ -1,9 +1,10 @@
 """CPU inference with real integer matrix multiplies for a calibrated low-bit student.
 
 Each quantized linear whose input activation is quantized per tensor becomes an
-:class:`Int8Linear`: the input is rounded to its calibrated uint8 grid, multiplied with the int8
-weight codes in an integer GEMM (int32 accumulation), and rescaled to float, which is the
-fake-quant computation carried out in integers. Two kernels, both shipped with torch:
+:class:`Int8Linear` (attention's ``in_proj`` and ``out_proj`` leaves too; the attention runs
+its own forward around them): the input is rounded to its calibrated uint8 grid, multiplied
+with the int8 weight codes in an integer GEMM (int32 accumulation), and rescaled to float,
+which is the fake-quant computation carried out in integers. Two kernels, both shipped with torch:
 
 - ``fbgemm``: ``quantized::linear_with_input_q_dq_qweight_dq_output_fp32`` (static input
   scale/zero point, fused quantization, AVX2/AVX512-VNNI GEMM, float output);
@@ -20,17 +21,12 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from p4q_lightning.quant import (
-    ActivationQuantizer,
-    QuantLinear,
-    QuantMultiheadAttention,
-    WeightQuantizer,
-)
+from p4q_lightning.quant import ActivationQuantizer, QuantLinear, WeightQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +211,16 @@ def _grid(weight: torch.Tensor, wq: WeightQuantizer) -> torch.Tensor:
     return wq(weight.detach()) if wq.dynamic else weight.detach()
 
 
-def _supported(act: ActivationQuantizer, wq: WeightQuantizer) -> bool:
+def int8_convertible(module: nn.Module, fqn: str = "") -> bool:
+    """The filter :func:`convert_to_int8` applies to every module (torchao's ``filter_fn``):
+    a quantized linear whose integer GEMM computes what its fake-quant forward does.
+
+    That needs a calibrated per-tensor input quantizer of at most 8 bits and a quantized
+    weight; attention's ``in_proj`` and ``out_proj`` are such leaves like any MLP layer.
+    """
+    if not isinstance(module, QuantLinear):
+        return False
+    act, wq = module.input_quantizer, module.weight_quantizer
     return (
         wq.enabled
         and act.enabled
@@ -226,89 +231,42 @@ def _supported(act: ActivationQuantizer, wq: WeightQuantizer) -> bool:
     )
 
 
-class Int8MultiheadAttention(nn.Module):
-    """:class:`QuantMultiheadAttention` with its q/k/v and output projections in int8."""
-
-    def __init__(self, attn: QuantMultiheadAttention, backend: str | None = None) -> None:
-        super().__init__()
-        self.attn = attn
-        self.batch_first = attn.batch_first
-        self.qkv: nn.Module | None = None
-        if _supported(attn.input_quantizer, attn.weight_quantizer):
-            self.qkv = Int8Linear(
-                _grid(attn.in_proj_weight, attn.weight_quantizer),
-                attn.weight_quantizer.scale,
-                attn.in_proj_bias,
-                attn.input_quantizer,
-                backend,
-            )
-        out = attn.out_proj
-        if isinstance(out, QuantLinear) and _supported(out.input_quantizer, out.weight_quantizer):
-            attn.out_proj = Int8Linear.from_quant_linear(out, backend)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor | None = None,
-        value: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-        attn_mask: torch.Tensor | None = None,
-        **_: object,
-    ) -> tuple[torch.Tensor, None]:
-        a = self.attn
-        if (
-            need_weights
-            or (key is not None and key is not query)
-            or (value is not None and value is not query)
-        ):
-            raise NotImplementedError(
-                "Int8MultiheadAttention supports self-attention without weights only"
-            )
-        x = query if self.batch_first else query.transpose(0, 1)
-        b, length, _ = x.shape
-        if self.qkv is not None:
-            qkv = self.qkv(x)
+def _replace_leaves(
+    parent: nn.Module,
+    filter_fn: Callable[[nn.Module, str], bool],
+    replace: Callable[[nn.Module], nn.Module],
+    prefix: str = "",
+) -> int:
+    """Replace, in place, every descendant of ``parent`` that ``filter_fn(module, fqn)`` picks
+    (without looking inside it); return how many were replaced."""
+    count = 0
+    for name, child in list(parent.named_children()):
+        fqn = f"{prefix}{name}"
+        if filter_fn(child, fqn):
+            setattr(parent, name, replace(child))
+            count += 1
         else:
-            qkv = F.linear(a.input_quantizer(x), a.quantized_weight(), a.in_proj_bias)
-        q, k, v = qkv.view(b, length, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        mask = a._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
-        if a.internals_quantized:
-            q, k, v = a.q_quantizer(q), a.k_quantizer(k), a.v_quantizer(v)
-            scores = (q * a.head_dim**-0.5) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            out = a.probs_quantizer(scores.softmax(dim=-1)) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = a.out_proj(out.transpose(1, 2).reshape(b, length, a.embed_dim))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+            count += _replace_leaves(child, filter_fn, replace, f"{fqn}.")
+    return count
 
 
 def convert_to_int8(model: nn.Module, backend: str | None = None) -> nn.Module:
-    """Swap every supported quantized linear / attention of ``model`` for its int8 version.
+    """Swap every quantized linear that :func:`int8_convertible` accepts for an
+    :class:`Int8Linear`, attention projections included; the attention keeps its own forward.
 
     In place; returns ``model`` (in eval mode). Layers that cannot run in integers (float or
     per-channel activations) keep their fake-quant float computation.
     """
     backend = backend or int8_backend()
     _check_backend(backend)
-    model.eval()
-    converted = 0
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, QuantMultiheadAttention):
-                setattr(parent, child_name, Int8MultiheadAttention(child, backend))
-                converted += 1
-            elif isinstance(child, QuantLinear) and _supported(
-                child.input_quantizer, child.weight_quantizer
-            ):
-                setattr(parent, child_name, Int8Linear.from_quant_linear(child, backend))
-                converted += 1
     if isinstance(model, QuantLinear):
         raise TypeError(
             "convert_to_int8 converts the children of a model; wrap a bare QuantLinear first"
         )
+    model.eval()
+    converted = _replace_leaves(
+        model, int8_convertible, lambda m: Int8Linear.from_quant_linear(m, backend)
+    )
     log.info("int8 inference: converted %d layers (backend %s)", converted, backend)
     per_channel = _per_channel_input_layers(model)
     if per_channel:
@@ -324,10 +282,10 @@ def convert_to_int8(model: nn.Module, backend: str | None = None) -> nn.Module:
 
 
 def _per_channel_input_layers(model: nn.Module) -> list[str]:
-    """Names of the quantized linears / attentions left unconverted for per-channel inputs."""
+    """Names of the quantized linears left unconverted for per-channel inputs."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, QuantMultiheadAttention)):
+        if isinstance(module, QuantLinear):
             act = module.input_quantizer
             if act.enabled and act.per_channel and module.weight_quantizer.enabled:
                 names.append(name)

@@ -22,7 +22,7 @@ from torch import nn
 
 from p4q_lightning.export.format import ExportMismatchError, write_container
 from p4q_lightning.export.packing import pack_codes, packed_nbytes
-from p4q_lightning.quant import QuantMultiheadAttention, quant_modules, quant_spec_of
+from p4q_lightning.quant import quant_modules, quant_spec_of
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def versions() -> dict[str, str]:
 
 
 def weight_key(name: str, module: nn.Module) -> str:
-    """State-dict key of a quantized module's weight (attention keeps ``in_proj_weight``)."""
-    leaf = "in_proj_weight" if isinstance(module, QuantMultiheadAttention) else "weight"
-    return f"{name}.{leaf}" if name else leaf
+    """State-dict key of a quantized layer's weight (every one, attention's ``in_proj``
+    included, is called ``weight``)."""
+    return f"{name}.weight" if name else "weight"
 
 
 def _grid_weight(

@@ -39,7 +39,7 @@ def _block_supported(block: nn.Module, training: bool) -> bool:
     if isinstance(attn, QuantMultiheadAttention):
         return not (training and attn.dropout)
     if isinstance(attn, nn.MultiheadAttention):
-        packed = attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+        packed = attn.in_proj_weight is not None  # None: separate q/k/v weights
         return packed and attn.bias_k is None and not (training and attn.dropout)
     return False
 

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from p4q_lightning.quant.convert import quant_modules, quant_spec_of, quantizers
+from p4q_lightning.quant.modules import QuantMultiheadAttention
 from p4q_lightning.quant.quantizer import ActivationQuantizer, WeightQuantizer
 
 log = logging.getLogger(__name__)
@@ -176,19 +177,29 @@ def group_statistics(
     stats: dict[str, dict[str, float]], model: nn.Module
 ) -> dict[str, dict[str, float]]:
     """Average per-quantizer statistics by layer group (e.g. ``vision.mlp_fc``)."""
-    group_of = {}
-    for name, module in quant_modules(model):
-        for child_name, _ in module.named_modules():
-            full = f"{name}.{child_name}" if child_name else name
-            group_of[full] = module.group
+    group_of = _quantizer_groups(model)
     by_group: dict[str, list[dict[str, float]]] = {}
     for name, s in stats.items():
         owner = name.rsplit(".", 1)[0]
-        group = group_of.get(owner, owner)
-        if name.endswith(("q_quantizer", "k_quantizer", "v_quantizer", "probs_quantizer")):
-            group = group.replace("attn_qkv", "attn_internals")
-        by_group.setdefault(group, []).append(s)
+        by_group.setdefault(group_of.get(owner, owner), []).append(s)
     return {
         g: {k: sum(s.get(k, 0.0) for s in ss) / len(ss) for k in ("scale", "clip_ratio")}
         for g, ss in by_group.items()
     }
+
+
+def _quantizer_groups(model: nn.Module) -> dict[str, str]:
+    """Layer group of every module name that owns quantizers.
+
+    Attention's own quantizers (q, k, v, probabilities) form ``{tower}.attn_internals``; the
+    tower is read off its ``in_proj`` group, so this holds while that leaf is any layer.
+    """
+    group_of = {}
+    for name, module in quant_modules(model):
+        for child_name, _ in module.named_modules():
+            group_of[f"{name}.{child_name}" if child_name else name] = module.group
+    for name, module in model.named_modules():
+        if isinstance(module, QuantMultiheadAttention):
+            qkv = group_of.get(f"{name}.in_proj", "")
+            group_of[name] = qkv.replace("attn_qkv", "attn_internals") or name
+    return group_of

@@ -18,7 +18,9 @@ from p4q_lightning.quant.quantizer import ActivationQuantizer, Log2Quantizer, We
 from p4q_lightning.quant.spec import QuantSpec, get_spec
 
 SPEC_ATTR = "p4q_quant_spec"
-QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding, QuantMultiheadAttention)
+#: layers holding a quantized weight; attention holds its q/k/v and output projections as
+#: QuantLinear leaves, so each weight is found once
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
 
 
 def text_tower_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -108,7 +110,7 @@ def quant_spec_of(model: nn.Module) -> QuantSpec:
 
 
 def quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every quantized layer."""
+    """(qualified name, module) of every layer with a quantized weight (each weight once)."""
     for name, module in model.named_modules():
         if isinstance(module, QUANT_MODULES):
             yield name, module

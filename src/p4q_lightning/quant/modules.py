@@ -1,15 +1,17 @@
 """Quantized drop-in replacements for the layers of an open_clip transformer.
 
-Each keeps the original parameter names (``weight``, ``bias``, ``in_proj_weight``,
-``out_proj.weight``...) so open_clip state dicts load unchanged, and adds quantizers as
-children. With every quantizer disabled each module computes what the float layer computes.
-Weights are quantized once by :meth:`freeze_weights` (called by calibration) and stored
-on the grid, so no forward pass re-quantizes a frozen weight.
+Each keeps the original parameter names (``weight``, ``bias``, ``out_proj.weight``...) so
+open_clip state dicts load unchanged (attention's packed ``in_proj_weight``/``in_proj_bias``
+become its ``in_proj`` leaf's ``weight``/``bias``; a load pre-hook renames them), and adds
+quantizers as children. With every quantizer disabled each module computes what the float
+layer computes. Weights are quantized once by :meth:`freeze_weights` (called by calibration)
+and stored on the grid, so no forward pass re-quantizes a frozen weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,7 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         group: str,
         bias: bool = True,
         dynamic_weights: bool = False,
+        init: bool = True,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group = in_features, out_features, group
@@ -88,7 +91,8 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         self.input_quantizer = _act_quantizer(spec, in_features)
         self.weight_quantizer = _weight_quantizer(spec, out_features, dynamic=dynamic_weights)
         self.register_buffer("weights_frozen", torch.tensor(False))
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation, for layers built directly (e.g. the adapter)."""
@@ -100,10 +104,23 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: GroupSpec, group: str) -> QuantLinear:
         """Wrap ``linear``, sharing (not copying) its weight and bias parameters."""
+        # the throwaway initialisation draws from the global RNG, as seeded runs always did
         q = cls(linear.in_features, linear.out_features, spec, group, bias=False)
-        q.weight = linear.weight
-        q.bias = linear.bias
-        return q.to(linear.weight.device)
+        return q._share(linear.weight, linear.bias)
+
+    @classmethod
+    def sharing(
+        cls, weight: nn.Parameter, bias: nn.Parameter | None, spec: GroupSpec, group: str
+    ) -> QuantLinear:
+        """A layer over existing ``weight`` ``[out, in]`` and ``bias`` parameters (not copies),
+        e.g. attention's packed q/k/v; draws nothing from the RNG."""
+        out_features, in_features = weight.shape
+        q = cls(in_features, out_features, spec, group, bias=False, init=False)
+        return q._share(weight, bias)
+
+    def _share(self, weight: nn.Parameter, bias: nn.Parameter | None) -> QuantLinear:
+        self.weight, self.bias = weight, bias
+        return self.to(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_scaled(x, 1.0)
@@ -176,13 +193,47 @@ class QuantEmbedding(QuantizedWeightMixin, CachedBufferState):
         return F.embedding(tokens, self.quantized_weight())
 
 
-class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
+#: State-dict names of :class:`QuantMultiheadAttention` before its q/k/v projection became
+#: the ``in_proj`` leaf (slim checkpoints, export format 2) -> the names now.
+LEGACY_ATTENTION_KEYS: tuple[tuple[str, str], ...] = (
+    ("in_proj_weight", "in_proj.weight"),
+    ("in_proj_bias", "in_proj.bias"),
+    ("input_quantizer.", "in_proj.input_quantizer."),
+    ("weight_quantizer.", "in_proj.weight_quantizer."),
+    ("weights_frozen", "in_proj.weights_frozen"),
+)
+
+
+def upgrade_attention_key(local: str) -> str | None:
+    """The current name of an attention-local state-dict key in the old layout, else None."""
+    for old, new in LEGACY_ATTENTION_KEYS:
+        if old.endswith(".") and local.startswith(old):
+            return new + local[len(old) :]
+        if local == old:
+            return new
+    return None
+
+
+def _rename_legacy_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Load pre-hook: rename old-layout keys under ``prefix`` in place (new keys win)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = upgrade_attention_key(key[len(prefix) :])
+        if new is not None and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(key)
+
+
+class QuantMultiheadAttention(nn.Module):
     """Replacement for open_clip's ``nn.MultiheadAttention`` (self-attention, any batch layout).
 
-    Quantizes the q/k/v projection (its input and ``in_proj_weight``: group ``attn_qkv``),
-    q, k, v and the post-softmax probabilities (``attn_internals``), and the output
-    projection (``attn_out``). Masks follow ``nn.MultiheadAttention``: additive float or
-    boolean (True = masked), 2-D ``[L, S]`` or 3-D ``[B*heads, L, S]``.
+    Its projections are leaves: ``in_proj`` (q/k/v packed, a :class:`QuantLinear` of
+    ``embed_dim -> 3 * embed_dim``, group ``attn_qkv``) and ``out_proj`` (group ``attn_out``),
+    so other code finds every quantized weight as a linear layer and the int8 path swaps them
+    for integer kernels while this forward stays. The attention itself quantizes q, k, v and
+    the post-softmax probabilities (``attn_internals``). Masks follow
+    ``nn.MultiheadAttention``: additive float or boolean (True = masked), 2-D ``[L, S]`` or
+    3-D ``[B*heads, L, S]``.
     """
 
     def __init__(
@@ -194,20 +245,17 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
         tower: str,
     ) -> None:
         super().__init__()
-        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+        if mha.in_proj_weight is None:  # separate q/k/v weights (kdim/vdim != embed_dim)
             raise ValueError(
                 "only attention with a packed in_proj_weight (as open_clip builds) is supported"
             )
-        self.group = f"{tower}.attn_qkv"
         self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
         self.head_dim = mha.embed_dim // mha.num_heads
         self.batch_first = mha.batch_first
         self.dropout = mha.dropout
-        self.in_proj_weight = mha.in_proj_weight
-        self.in_proj_bias = mha.in_proj_bias
-        self.weight_quantizer = _weight_quantizer(qkv, 3 * self.embed_dim)
-        self.input_quantizer = _act_quantizer(qkv, self.embed_dim)
-        self.register_buffer("weights_frozen", torch.tensor(False))
+        self.in_proj = QuantLinear.sharing(
+            mha.in_proj_weight, mha.in_proj_bias, qkv, f"{tower}.attn_qkv"
+        )
         self.internals_quantized = internals.a_bits is not None
         internal_spec = GroupSpec(
             a_bits=internals.a_bits,
@@ -226,11 +274,7 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
             self.probs_quantizer = _act_quantizer(probs_spec, 1)
         self.out_proj = QuantLinear.from_float(mha.out_proj, out, f"{tower}.attn_out")
         self._packed_qkv_params: tuple[tuple[tuple[float, ...], ...], torch.Tensor] | None = None
-
-    # The mixin quantizes ``self.weight``; attention's packed weight has another name.
-    @property
-    def weight(self) -> nn.Parameter:  # type: ignore[override]
-        return self.in_proj_weight
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def forward(
         self,
@@ -279,8 +323,7 @@ class QuantMultiheadAttention(QuantizedWeightMixin, CachedBufferState):
         depend on the other sequences or positions it is batched with.
         """
         b, length, _ = x.shape
-        codes, scale = self.input_quantizer.centered_codes(x)
-        qkv = scaled_linear(codes, self.quantized_weight(), self.in_proj_bias, scale)
+        qkv = self.in_proj(x)  # whatever layer is there (an int8 one after convert_to_int8)
         if self.internals_quantized:
             return self._qkv_codes(qkv, b, length)  # type: ignore[return-value]
         return self._split_heads(qkv, b, length), (1.0, 1.0, 1.0)
