@@ -234,7 +234,7 @@ def test_clear_errors(world):
         make_module(world, method="qat")
     module = make_module(world, classnames=["a", "b", "c"])
     t = Trainer(accelerator="cpu", logger=False)
-    module._trainer = t
+    module.trainer = t
     t.datamodule = make_dm(world)  # 4 classes
     with pytest.raises(ValueError, match="3 classes but the datamodule has 4"):
         module.setup("fit")

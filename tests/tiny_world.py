@@ -67,6 +67,23 @@ def module_args(world: dict, **overrides: Any) -> dict[str, Any]:
     )
 
 
+def trainer(root: Path | str, **overrides: Any) -> Trainer:
+    """A quiet one-epoch CPU ``Trainer`` writing under ``root`` (no logger, progress bar,
+    model summary or checkpoints), with overrides."""
+    args: dict[str, Any] = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(root),
+    }
+    args.update(overrides)
+    return Trainer(**args)
+
+
 def cli_config(
     world: dict,
     path: Path,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torchmetrics.classification import MulticlassAccuracy
 
 from p4q_lightning.args import (
@@ -128,6 +128,13 @@ class P4QModule(LightningModule):
         if classnames:
             self.set_classes(classnames, templates)
 
+    def _attached_trainer(self) -> Trainer | None:
+        """The Trainer running this module, or None (``self.trainer`` raises when unattached)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     # ------------------------------------------------------------------ classes
     def set_classes(
         self, classnames: Sequence[str], templates: Sequence[str] | None = None
@@ -146,7 +153,7 @@ class P4QModule(LightningModule):
                 setattr(self, f"{stage}_{name}", metric)
 
     def _classes_from_datamodule(self) -> tuple[list[str] | None, list[str] | None]:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._attached_trainer(), "datamodule", None)
         names = getattr(dm, "classnames", None)
         templates = getattr(dm, "templates", None)
         return (list(names) if names else None), (list(templates) if templates else None)
@@ -185,7 +192,7 @@ class P4QModule(LightningModule):
 
     def _check_not_empty(self, stage: str) -> None:
         """Lightning skips an evaluation over 0 batches and reports success: refuse it."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._attached_trainer(), "datamodule", None)
         make = getattr(dm, "test_dataloader" if stage == "test" else "val_dataloader", None)
         if make is None:
             return
@@ -204,7 +211,7 @@ class P4QModule(LightningModule):
 
     def _check_image_size(self) -> None:
         """A datamodule resizing to another side than the model's fails here, in one line."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._attached_trainer(), "datamodule", None)
         size = getattr(dm, "image_size", None)
         model_size = getattr(getattr(self.classifier.teacher, "visual", None), "image_size", None)
         if isinstance(model_size, (tuple, list)):
@@ -381,7 +388,8 @@ class P4QModule(LightningModule):
     def configure_callbacks(self) -> list[Any]:
         from p4q_lightning.callbacks.calibration import CalibrationCallback
 
-        existing = self._trainer.callbacks if self._trainer is not None else []
+        trainer = self._attached_trainer()
+        existing = trainer.callbacks if trainer is not None else []
         if any(isinstance(cb, CalibrationCallback) for cb in existing):
             return []
         return [CalibrationCallback()]

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 import tiny_world
@@ -35,15 +34,10 @@ def fitted(tmp_path_factory):
 
 
 def _trainer(root, callbacks, logger):
-    return Trainer(
-        max_epochs=1,
-        accelerator="cpu",
+    return tiny_world.trainer(
+        root,
         logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
-        default_root_dir=root,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         limit_train_batches=2,

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 import tiny_world
 from p4q_lightning.callbacks.export import LowBitExportCallback  # noqa: E402
@@ -26,15 +25,10 @@ def make_module(world, **kw) -> P4QModule:
 
 
 def _trainer(tmp_path, callbacks, epochs=1):
-    return Trainer(
+    return tiny_world.trainer(
+        tmp_path,
         max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
-        default_root_dir=tmp_path,
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )

@@ -3,7 +3,6 @@ becomes a low-bit file with the module's logits."""
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 import tiny_world
 from p4q_lightning.args import _FLAT_NAMES, GROUPS
@@ -25,14 +24,8 @@ def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
         features={"views": 1},
     )
     dm = tiny_world.TinyDataModule(str(data))
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = tiny_world.trainer(
+        tmp_path,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         limit_train_batches=2,

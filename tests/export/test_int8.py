@@ -22,7 +22,7 @@ from p4q_lightning.export import (
     load_lowbit,
 )
 from p4q_lightning.export import int8 as int8_module
-from p4q_lightning.quant import GroupSpec, QuantLinear, QuantMultiheadAttention
+from p4q_lightning.quant import PRESETS, GroupSpec, QuantLinear, QuantMultiheadAttention, get_spec
 
 # None = the kernel the library selects on this CPU; it is tested everywhere, never skipped.
 BACKENDS = [None, "fbgemm", "int_mm"]
@@ -132,7 +132,22 @@ def test_float_or_per_channel_activations_stay_fake_quant() -> None:
     assert isinstance(model[0], QuantLinear) and isinstance(model[1], QuantLinear)
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a4", "p4q-448"])
+def _int8_attention(name: str) -> bool:
+    """Presets whose attention q/k/v projection can run as an int8 GEMM (weights and a
+    per-tensor input of at most 8 bits)."""
+    g = get_spec(name)["vision.attn_qkv"]
+    return bool(g.w_bits and g.a_bits and g.a_bits <= 8 and not g.a_per_channel)
+
+
+INT8_PRESETS = [name for name in PRESETS if _int8_attention(name)]
+
+
+def test_the_int8_presets_include_the_main_ones() -> None:
+    assert {"w8a8", "w4a4", "p4q-448"} <= set(INT8_PRESETS)
+    assert "fp" not in INT8_PRESETS and "p4q-official" not in INT8_PRESETS
+
+
+@pytest.mark.parametrize("preset", INT8_PRESETS)
 def test_converted_student_agrees_with_fake_quant(tiny_float, images, preset: str) -> None:
     from export_helpers import make_student
 

@@ -9,7 +9,7 @@ import warnings
 import open_clip
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
 import tiny_world
 from p4q_lightning import calibrate, quantize
@@ -58,7 +58,7 @@ def test_bf16_autocast_codes_equal_the_float32_codes(recorded_codes):
     assert recorded_codes and all(q.mode == "quant" for q, *_ in recorded_codes)
     for quantizer, x, pre_scale, codes, _ in recorded_codes:
         bf16_inputs += x.dtype == torch.bfloat16
-        inv, _, lo, hi = quantizer._float_params()
+        inv, _, lo, hi = quantizer.float_params()
         want = torch.round(x.float() * (inv * pre_scale)).clamp(lo, hi)  # float32, no autocast
         assert torch.equal(codes.float(), want)
     assert bf16_inputs > 0, "autocast produced no bf16 activation: the test checks nothing"
@@ -76,18 +76,12 @@ def test_bf16_mixed_fit_runs_and_trains_the_prompt(world, tmp_path):
         )
     )
     dm = tiny_world.TinyDataModule(str(world["data"]))
-    trainer = Trainer(
+    trainer = tiny_world.trainer(
+        tmp_path,
         max_steps=3,
-        accelerator="cpu",
-        devices=1,
         precision="bf16-mixed",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        default_root_dir=str(tmp_path),
     )
     start = StartContext()
     trainer.callbacks.append(start)

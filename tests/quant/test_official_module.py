@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 import tiny_world
 from p4q_lightning.module import P4QModule
@@ -23,15 +23,7 @@ def test_p4q_official_module_calibrates_and_fits(world, tmp_path) -> None:
     assert module.classifier.student.visual.conv1.input_quantizer.scale.shape == (3,)
     fc1 = module.classifier.adapter.fc1.input_quantizer
     assert fc1.per_channel and fc1.scale.shape == (module.classifier.adapter.dim,)
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = tiny_world.trainer(tmp_path)
     trainer.fit(module, dm)
     (metrics,) = trainer.validate(module, dm, verbose=False)
     assert 0.0 <= metrics["val/top1"] <= 100.0

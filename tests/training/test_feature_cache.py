@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
 import tiny_world
@@ -94,15 +94,7 @@ def test_feature_cache_on_disk_is_reused(world, tmp_path, caplog):
     for _ in range(2):
         module = P4QModule(**tiny_world.module_args(world, features={"cache_dir": str(cache_dir)}))
         with caplog.at_level(logging.INFO, logger="p4q_lightning"):
-            Trainer(
-                max_epochs=1,
-                accelerator="cpu",
-                logger=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-                default_root_dir=str(tmp_path),
-            ).fit(module, dm)
+            tiny_world.trainer(tmp_path).fit(module, dm)
     files = list(cache_dir.glob("features-*.pt"))
     assert len(files) == 1
     assert any("loaded cached image features" in r.getMessage() for r in caplog.records)

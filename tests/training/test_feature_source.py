@@ -8,7 +8,7 @@ import logging
 import warnings
 
 import pytest
-from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, seed_everything
 from torch.utils.data import DataLoader
 
 import tiny_world
@@ -39,18 +39,7 @@ def module(world, **kw) -> P4QModule:
 
 def fit(model: P4QModule, tmp_path, *args, **kw) -> Batches:
     batches = Batches()
-    Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=str(tmp_path),
-        callbacks=[batches],
-    ).fit(model, *args, **kw)
+    tiny_world.trainer(tmp_path, limit_val_batches=0, callbacks=[batches]).fit(model, *args, **kw)
     return batches
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tiny_world
@@ -222,17 +222,11 @@ def test_rates_per_step_follow_the_warmup_cosine_of_the_whole_fit(
     module = P4QModule(**tiny_world.module_args(world, warmup_epochs=warmup_epochs, **args))
     rates = LearningRates()
     max_epochs, batches_per_epoch = 3, 4  # 32 images, batch 8
-    Trainer(
+    tiny_world.trainer(
+        tmp_path,
         max_epochs=max_epochs,
         accumulate_grad_batches=accumulate,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         limit_val_batches=0,
-        default_root_dir=str(tmp_path),
         callbacks=[rates],
     ).fit(module, tiny_world.TinyDataModule(str(world["data"])))
 
@@ -254,16 +248,11 @@ def test_a_fit_resumed_for_more_epochs_stretches_the_schedule_to_the_new_length(
     dm = tiny_world.TinyDataModule(str(world["data"]))
 
     def fit(max_epochs: int, callbacks: list, ckpt_path: str | None = None) -> None:
-        Trainer(
+        tiny_world.trainer(
+            tmp_path,
             max_epochs=max_epochs,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             enable_checkpointing=ckpt_path is None,
             limit_val_batches=0,
-            default_root_dir=str(tmp_path),
             callbacks=callbacks,
         ).fit(P4QModule(**args), dm, ckpt_path=ckpt_path)
 

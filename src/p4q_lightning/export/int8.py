@@ -35,7 +35,11 @@ def _prepack_fbgemm(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
     zero = torch.zeros(codes.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized-tensor constructors warn about their future
         warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(codes, scale.double(), zero, 0)
+        # the on-grid float weight re-quantizes to exactly its codes (|error| << half a step)
+        grid = codes.float() * scale.float()[:, None]
+        qw = torch.quantize_per_channel(grid, scale.double(), zero, 0, torch.qint8)
+        if not torch.equal(qw.int_repr(), codes):
+            raise RuntimeError("int8 prepack changed the weight codes; please report this")
         torch.backends.quantized.engine = "fbgemm"
         return torch.ops.quantized.linear_prepack(qw, bias)
 

@@ -62,6 +62,7 @@ class PromptLearner(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        self.register_load_state_dict_pre_hook(self._check_loaded_ctx)
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(
                 f"class_token_position={class_token_position!r}: use 'end', 'middle' or 'front'"
@@ -234,7 +235,10 @@ class PromptLearner(nn.Module):
         placed = ctx.gather(1, index).to(fixed.dtype)
         return torch.where(self.ctx_mask.unsqueeze(-1), placed, fixed)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _check_loaded_ctx(
+        self, module: nn.Module, state_dict: dict, prefix: str, *_: object
+    ) -> None:
+        """A load-state-dict pre-hook: a context of another shape fails in one clear line."""
         key = prefix + "ctx"
         if key in state_dict and state_dict[key].shape != self.ctx.shape:
             raise ValueError(
@@ -243,7 +247,6 @@ class PromptLearner(nn.Module):
                 f"class_specific={self.class_specific}, "
                 f"{self.n_cls} classes); match n_ctx/ctx_init and class_specific to the checkpoint"
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -142,7 +142,7 @@ def calibrate(
             )
     except BaseException:
         for _, q in act:
-            q.mode, q._observer = "quant", None
+            q.abort_observing()
         raise
     finally:
         model.train(was_training)

@@ -106,7 +106,7 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         """Wrap ``linear``, sharing (not copying) its weight and bias parameters."""
         # the throwaway initialisation draws from the global RNG, as seeded runs always did
         q = cls(linear.in_features, linear.out_features, spec, group, bias=False)
-        return q._share(linear.weight, linear.bias)
+        return q.use_parameters(linear.weight, linear.bias)
 
     @classmethod
     def sharing(
@@ -116,9 +116,10 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         e.g. attention's packed q/k/v; draws nothing from the RNG."""
         out_features, in_features = weight.shape
         q = cls(in_features, out_features, spec, group, bias=False, init=False)
-        return q._share(weight, bias)
+        return q.use_parameters(weight, bias)
 
-    def _share(self, weight: nn.Parameter, bias: nn.Parameter | None) -> QuantLinear:
+    def use_parameters(self, weight: nn.Parameter, bias: nn.Parameter | None) -> QuantLinear:
+        """Compute with these parameters (shared, not copied); returns ``self``."""
         self.weight, self.bias = weight, bias
         return self.to(weight.device)
 
@@ -373,8 +374,8 @@ class QuantMultiheadAttention(nn.Module):
             ]
             return tuple(c for c, _ in pairs), tuple(s for _, s in pairs)  # type: ignore[return-value]
         for q in quantizers:
-            q._check_ready(qkv)
-        params = tuple(q._float_params() for q in quantizers)  # (inv, scale, lo, hi) each
+            q.check_ready(qkv)
+        params = tuple(q.float_params() for q in quantizers)  # (inv, scale, lo, hi) each
         hit = self._packed_qkv_params
         if hit is None or hit[0] != params or hit[1].device != qkv.device:
             table = torch.tensor(params, dtype=torch.float32, device=qkv.device)  # [3, 4]

@@ -223,6 +223,10 @@ class ActivationQuantizer(CachedBufferState):
         if self._observer is not None:
             self._observer.score_next_batch()
 
+    def abort_observing(self) -> None:
+        """Drop what was observed (a calibration that failed); the range stays as it was."""
+        self.mode, self._observer = "quant", None
+
     @torch.no_grad()
     def finish_observing(self) -> bool:
         """Fix the range from what was observed; returns False when nothing was seen."""
@@ -257,7 +261,7 @@ class ActivationQuantizer(CachedBufferState):
         self.zero_point.copy_(zp.to(torch.int32))
         self.calibrated.fill_(True)
 
-    def _check_ready(self, x: torch.Tensor) -> None:
+    def check_ready(self, x: torch.Tensor) -> None:
         """EMA update while training in ``ema`` mode; otherwise require a calibrated range."""
         if self.mode == "ema" and self.training:
             self._ema_update(x)
@@ -267,7 +271,7 @@ class ActivationQuantizer(CachedBufferState):
                 "p4q_lightning.calibrate(model, images=..., texts=...) before encoding"
             )
 
-    def _float_params(self) -> tuple[float, float, float, float]:
+    def float_params(self) -> tuple[float, float, float, float]:
         """Per-tensor (1/scale, scale, qmin - z, qmax - z) as Python floats, cached."""
 
         def compute() -> tuple[float, float, float, float]:
@@ -285,9 +289,9 @@ class ActivationQuantizer(CachedBufferState):
         if self.mode == "observe":
             self._observer.update(x)
             return x
-        self._check_ready(x)
+        self.check_ready(x)
         if not self.per_channel:
-            return fake_quant_prepared(x, *self._float_params())
+            return fake_quant_prepared(x, *self.float_params())
         shape = channel_shape(x.dim(), self.channel_axis, self.scale.numel())
         params = self.cached(
             f"qparams{shape}",
@@ -309,8 +313,8 @@ class ActivationQuantizer(CachedBufferState):
             return x, pre_scale
         if self.mode == "observe" or self.per_channel:
             return self(x * pre_scale if pre_scale != 1.0 else x), 1.0
-        self._check_ready(x * pre_scale if self.mode == "ema" and pre_scale != 1.0 else x)
-        inv, scale, lo, hi = self._float_params()
+        self.check_ready(x * pre_scale if self.mode == "ema" and pre_scale != 1.0 else x)
+        inv, scale, lo, hi = self.float_params()
         return round_clamp(x, inv * pre_scale, lo, hi), scale
 
     @torch.no_grad()
