@@ -25,7 +25,7 @@ import torch
 from p4q_lightning.args import PromptArgs
 from p4q_lightning.losses import cosine_logits, p4q_loss
 from p4q_lightning.module import P4QModule
-from p4q_lightning.training.optim import configure
+from p4q_lightning.training.optim import PromptAdapterOptimizer, param_groups
 
 
 def step(module: P4QModule, optimizer: torch.optim.Optimizer, batch) -> float:  # type: ignore[no-untyped-def]
@@ -57,8 +57,8 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=0, help="text_chunk_size (0: all classes at once)")
-    p.add_argument("--checkpointing", action="store_true", help="text_checkpointing")
+    p.add_argument("--chunk", type=int, default=0, help="prompt.chunk_size (0: all at once)")
+    p.add_argument("--checkpointing", action="store_true", help="prompt.checkpointing")
     args = p.parse_args()
 
     names = list(open_clip.IMAGENET_CLASSNAMES[: args.classes])
@@ -75,7 +75,7 @@ def main() -> None:
     calib = [torch.randn(8, 3, size, size, generator=gen) for _ in range(2)]
     module.classifier.calibrate(calib, progress=False)
     module.classifier.teacher_text_features()  # computed once per run, not per step
-    optimizer = configure(module)["optimizer"]
+    optimizer = PromptAdapterOptimizer(param_groups(module))  # no Trainer: no schedule needed
     module.train()
 
     images = torch.randn(args.batch, 3, size, size, generator=gen)

@@ -178,3 +178,15 @@ def test_an_empty_evaluation_loader_is_an_error(world, tmp_path, capsys):
     cfg = config(world, tmp_path, model={"method": "ptq"}, data=data)
     assert cli.main(["test", "--config", str(cfg)]) == 1
     assert "the test split has 0 items" in one_line_error(capsys)
+
+
+def test_a_config_of_the_flat_layout_names_each_options_new_place(world, tmp_path, capsys):
+    cfg = config(world, tmp_path)
+    text = cfg.read_text().replace("model:\n", "model:\n  n_ctx: 4\n  feature_views: 1\n", 1)
+    cfg.write_text(text)
+    assert cli.main(["fit", "--config", str(cfg)]) == 1
+    line = one_line_error(capsys)
+    assert "model.n_ctx -> model.prompt.n_ctx" in line
+    assert "model.feature_views -> model.features.views" in line
+    assert cli.main(["fit", "--config", str(tmp_path / "none.yaml"), "--model.prompt_lr=0.1"]) == 1
+    assert "model.prompt_lr -> model.optim.prompt_lr" in one_line_error(capsys)

@@ -225,6 +225,19 @@ def group_flat_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def moved_options(model: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(old, new)`` names of the flat options in a config's model section (earlier layout),
+    e.g. ``("model.n_ctx", "model.prompt.n_ctx")``."""
+    moved = []
+    for key, value in model.items():
+        if key == "adapter" and isinstance(value, bool):
+            moved.append(("model.adapter: true/false", "model.adapter.enabled"))
+        elif key in _FLAT_NAMES:
+            group, field = _FLAT_NAMES[key]
+            moved.append((f"model.{key}", f"model.{group}.{field}"))
+    return moved
+
+
 def _check_choice(name: str, value: str, choices: str) -> None:
     if value not in choices.split():
         raise ValueError(f"{name}={value!r}: use one of {', '.join(choices.split())}")

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
@@ -141,6 +142,47 @@ def one_line(err: BaseException) -> str:
     return text
 
 
+def refuse_moved_options(args: Sequence[str]) -> None:
+    """A config or flag of the layout before the option groups fails in one line that names
+    each option's new place (instead of jsonargparse's usage text)."""
+    from p4q_lightning.args import moved_options
+
+    moved: list[tuple[str, str]] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--model."):
+            moved += moved_options({arg.removeprefix("--model.").split("=", 1)[0]: None})
+            continue
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        model = _model_section(path)
+        if model is not None:
+            moved += moved_options(model)
+    if moved:
+        names = ", ".join(f"{old} -> {new}" for old, new in moved)
+        raise ValueError(
+            f"model options are grouped now: {names}; move them (the YAMLs in experiments/ "
+            "show the layout)"
+        )
+
+
+def _model_section(path: str) -> dict | None:
+    """The model arguments of a YAML config, or None (LightningCLI reports unreadable files)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
+        model = model["init_args"]
+    return model if isinstance(model, dict) else None
+
+
 def _main(argv: Sequence[str] | None) -> int | None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -151,6 +193,7 @@ def _main(argv: Sequence[str] | None) -> int | None:
     _log_to_console()
     if args and args[0] in SUBCOMMANDS:
         return _dispatch(args[0], args[1:])
+    refuse_moved_options(args)
     resolve_wandb_mode()  # before LightningCLI builds a WandbLogger
     cli_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     return None
