@@ -20,6 +20,7 @@ from torchvision import datasets, transforms
 
 from p4q_lightning.args import group_flat_hparams
 from p4q_lightning.data.feature_serving import FeatureServing
+from p4q_lightning.data.seeded import seeded_train_loader
 
 MODEL_NAME = "tiny-test-vit"
 # min-max activation ranges: fast calibration (OMSE's shrink search is what makes it slow)
@@ -185,8 +186,8 @@ class TinyDataModule(FeatureServing, LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.serve(
-            DataLoader(
-                self.train_dataset, self.batch_size, shuffle=True, num_workers=self.num_workers
+            seeded_train_loader(
+                self.train_dataset, self.batch_size, self.trainer, num_workers=self.num_workers
             )
         )
 

@@ -48,4 +48,4 @@ def test_few_shot_datamodule_serves_features_of_its_training_images(dm_factory, 
     dm.serve_features(source)
     assert list(dm.train_dataloader()) == [["features"]]
     images = source.asked_with[0]
-    assert images.dataset is dm.train_dataset and images.batch_size == dm.hparams.batch_size
+    assert images.dataset.dataset is dm.train_dataset and images.batch_size == dm.hparams.batch_size

@@ -20,7 +20,7 @@ STEPS_PER_EPOCH = 4  # 32 training images, batch 8
 STOP = 2 * STEPS_PER_EPOCH + 1  # in the third epoch; last.ckpt holds the end of the second
 
 
-def fit_config(world, tmp: Path, callbacks: list | None = None) -> Path:
+def fit_config(world, tmp: Path, callbacks: list | None = None, views: int = 3) -> Path:
     checkpoint = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(tmp / "ckpt"), "save_last": True},
@@ -31,7 +31,7 @@ def fit_config(world, tmp: Path, callbacks: list | None = None) -> Path:
         trainer={"max_epochs": 3, "callbacks": [checkpoint, *(callbacks or [])]},
         model={
             "quant_overrides": tiny_world.MINMAX,
-            "feature_views": 3,
+            "feature_views": views,
             "prompt_lr": 0.05,
             "adapter_lr": 0.01,
         },
@@ -93,3 +93,18 @@ def test_resume_after_sigkill_of_the_process(world, tmp_path, uninterrupted):
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run(["fit", "--config", str(fit_config(world, tmp_path)), "--ckpt_path", "last"])
     assert_same(resumed, uninterrupted)
+
+
+def test_resume_with_live_augmentation_after_an_exception(world, tmp_path, monkeypatch):
+    """``features.views: 0``: every step crops images live; the order and the crops come from
+    (seed, epoch, index), so the resumed fit sees the same images as the uninterrupted one."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    whole.mkdir(), interrupted.mkdir()
+    reference = run(["fit", "--config", str(fit_config(world, whole, views=0))])
+    stop = {"class_path": "resume_helpers.StopAtStep", "init_args": {"step": STOP}}
+    with pytest.raises(Interrupted):
+        cli.cli_main(["fit", "--config", str(fit_config(world, interrupted, [stop], views=0))])
+    torch.manual_seed(12345)  # the resumed run must not depend on the process's RNG state
+    config = fit_config(world, interrupted, views=0)
+    assert_same(run(["fit", "--config", str(config), "--ckpt_path", "last"]), reference)

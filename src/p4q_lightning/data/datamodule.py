@@ -25,6 +25,7 @@ from p4q_lightning.data.fewshot import (
     write_split,
 )
 from p4q_lightning.data.hub import HubArgs, HubSource, is_saved_dataset
+from p4q_lightning.data.seeded import seeded_train_loader
 from p4q_lightning.data.sources import FolderSource, ImageSource, SyntheticArgs, SyntheticSource
 from p4q_lightning.data.transforms import eval_transform, train_transform
 
@@ -315,16 +316,17 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
             raise RuntimeError("call setup() for this stage before asking for its dataloader")
         hp = self.hparams
         workers = hp.num_workers
-        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or hp.batch_size,
-            shuffle=shuffle,
+        options = dict(
             num_workers=workers,
-            pin_memory=pin,
+            pin_memory=torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory,
             persistent_workers=hp.persistent_workers and workers > 0,
             collate_fn=collate_skip_none,
         )
+        if shuffle:  # training: order and crops from (seed, epoch, index), resume- and DDP-exact
+            return seeded_train_loader(
+                dataset, batch_size or hp.batch_size, self.trainer, self.seed, **options
+            )
+        return DataLoader(dataset, batch_size=batch_size or hp.batch_size, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self.serve(self._loader(self.train_dataset, shuffle=True))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p4q_lightning import seeding
 from p4q_lightning.args import AdapterArgs, PromptArgs
 from p4q_lightning.losses import cosine_logits
 from p4q_lightning.methods import MethodTraits, traits
@@ -25,7 +26,6 @@ from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template
 from p4q_lightning.model.text_sharding import gather_sharded
 from p4q_lightning.quant import QuantSpec, get_spec, is_calibrated, quantize
 from p4q_lightning.quant import calibrate as calibrate_student
-from p4q_lightning.training import seeding
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from p4q_lightning.training import seeding
+from p4q_lightning import seeding
 from p4q_lightning.training.feature_cache import (
     CachedFeatureDataset,
     FeatureCache,

@@ -1,0 +1,83 @@
+"""Training loaders whose order and augmentation are functions of (seed, epoch, index).
+
+With live augmentation, a shuffled loader normally draws its order and every random crop from
+the global generators, whose state depends on what ran before, on the worker and on the rank.
+A resumed fit or a run on more GPUs then sees other crops than the uninterrupted one. Here the
+sampler shuffles by (seed, epoch) and hands each index together with its epoch to the workers
+(so persistent workers need no shared state), and each item is transformed under a torch
+generator seeded from (seed, epoch, index): the crops of an epoch are the same however the
+fit was launched or interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from p4q_lightning import seeding
+
+
+class EpochIndexSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by seed and epoch, split by rank) yielding
+    ``(epoch, index)`` pairs. Lightning calls ``set_epoch`` before every epoch and leaves a
+    ``DistributedSampler`` in place under DDP."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` computed under a torch generator seeded by (seed, epoch, index).
+
+    Keys are ``(epoch, index)`` pairs from :class:`EpochIndexSampler`; a plain integer index
+    reads the item unseeded (as the feature cache does, with its own seeding). Other attributes
+    are the wrapped dataset's (``samples``, ``transform``...).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "seed") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one item of one epoch."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_train_loader(
+    dataset: Dataset, batch_size: int, trainer: Any, default_seed: int = 0, **kwargs: Any
+) -> DataLoader:
+    """A shuffled training loader over ``dataset`` whose order and augmentation follow the run
+    seed (``seed_everything``'s, else ``default_seed``), the epoch and, under DDP, the rank
+    (``trainer`` gives world size and rank; None means one process)."""
+    world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+    sampler = EpochIndexSampler(
+        dataset,
+        num_replicas=world,
+        rank=rank,
+        shuffle=True,
+        seed=seeding.derived_seed("shuffle", default_seed),
+    )
+    items = SeededItems(dataset, seeding.derived_seed("augment", default_seed))
+    return DataLoader(items, batch_size=batch_size, sampler=sampler, **kwargs)
