@@ -50,7 +50,9 @@ class SaveTrainedState(Callback):
                     "global_step": trainer.global_step,
                     "text_shard": list(pl_module.classifier.text_shard),
                     "world_size": trainer.world_size,
-                    "views_encoded": list(pl_module._train_source.cache.encoded_here),
+                    "views_encoded": None
+                    if pl_module._train_source is None
+                    else list(pl_module._train_source.cache.encoded_here),
                 },
                 self.out,
             )

@@ -22,7 +22,9 @@ TESTS = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def config(world, tmp: Path, devices: int, batch_size: int, callbacks: list | None = None) -> Path:
+def config(
+    world, tmp: Path, devices: int, batch_size: int, callbacks: list | None = None, views: int = 2
+) -> Path:
     trainer = {
         "devices": devices,
         "max_epochs": 2,
@@ -35,7 +37,7 @@ def config(world, tmp: Path, devices: int, batch_size: int, callbacks: list | No
     }
     model = {
         "quant_overrides": tiny_world.MINMAX,
-        "feature_views": 2,
+        "feature_views": views,
         "prompt_lr": 0.05,
         "adapter_lr": 0.01,
     }
@@ -46,8 +48,8 @@ def config(world, tmp: Path, devices: int, batch_size: int, callbacks: list | No
     return tiny_world.cli_config(world, tmp / f"fit{devices}.yaml", trainer, model, data)
 
 
-def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def fit_ddp(world, tmp_path, views: int = 2) -> dict:
+    """A two-process fit (8 images per rank per step) in a subprocess; what it trained."""
     out = tmp_path / "ddp_state.pt"
     save = {"class_path": "resume_helpers.SaveTrainedState", "init_args": {"out": str(out)}}
     env = dict(
@@ -56,7 +58,7 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline")
     ddp = subprocess.run(
         [sys.executable, "-m", "p4q_lightning", "fit", "--config"]
-        + [str(config(world, tmp_path, 2, 8, [save]))],
+        + [str(config(world, tmp_path, 2, 8, [save], views))],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -64,8 +66,19 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
         timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    ddp_result = torch.load(out, weights_only=True)
+    return torch.load(out, weights_only=True)
 
+
+def assert_close_states(ddp_state: dict, state: dict) -> None:
+    assert state.keys() == ddp_state.keys()
+    worst = {k: float((ddp_state[k].double() - v.double()).abs().max()) for k, v in state.items()}
+    for key, value in state.items():
+        assert torch.allclose(ddp_state[key], value, rtol=RTOL, atol=ATOL), (key, worst)
+
+
+def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ddp_result = fit_ddp(world, tmp_path)
     single = cli.cli_main(["fit", "--config", str(config(world, tmp_path, 1, 16))])
     state = trained_state(single.model)
     assert ddp_result["global_step"] == single.trainer.global_step == 4  # 32 images / 16 x 2
@@ -77,10 +90,15 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path, monkeypatch):
     # the feature cache was built once: rank 0 encoded view 0, rank 1 view 1 (broadcast)
     assert ddp_result["views_encoded"] == [0]
     assert single.model._train_source.cache.encoded_here == (0, 1)
-    assert state.keys() == ddp_result["state"].keys()
-    worst = {
-        k: float((ddp_result["state"][k].double() - v.double()).abs().max())
-        for k, v in state.items()
-    }
-    for key, value in state.items():
-        assert torch.allclose(ddp_result["state"][key], value, rtol=RTOL, atol=ATOL), (key, worst)
+    assert_close_states(ddp_result["state"], state)
+
+
+def test_ddp_equals_one_process_with_live_augmentation(world, tmp_path, monkeypatch):
+    """``features.views: 0``: each rank crops its half of every global batch live; the crops
+    come from (seed, epoch, image), so the two ranks together see what one process sees."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ddp_result = fit_ddp(world, tmp_path, views=0)
+    single = cli.cli_main(["fit", "--config", str(config(world, tmp_path, 1, 16, views=0))])
+    assert ddp_result["global_step"] == single.trainer.global_step == 4
+    assert ddp_result["views_encoded"] is None  # nothing cached
+    assert_close_states(ddp_result["state"], trained_state(single.model))
