@@ -6,6 +6,7 @@ import torch
 import tiny_world
 from p4q_lightning.callbacks.export import LowBitExportCallback  # noqa: E402
 from p4q_lightning.export import load_lowbit, read_container  # noqa: E402
+from p4q_lightning.export.format import ExportWriteError
 from p4q_lightning.module import P4QModule  # noqa: E402
 
 
@@ -61,6 +62,18 @@ def test_float_methods_are_skipped(world, tmp_path) -> None:
     cb = LowBitExportCallback(dirpath=str(tmp_path / "out"))
     _trainer(tmp_path, [cb]).fit(module, datamodule=tiny_world.TinyDataModule(str(world["data"])))
     assert cb.report is None and not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_export_path_fails_before_training(world, tmp_path) -> None:
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the export directory should be")
+    module = make_module(world)
+    cb = LowBitExportCallback(dirpath=str(blocker / "out"))
+    trainer = _trainer(tmp_path, [cb])
+    with pytest.raises(ExportWriteError, match="cannot create the export directory"):
+        trainer.fit(module, datamodule=tiny_world.TinyDataModule(str(world["data"])))
+    assert trainer.global_step == 0  # refused at setup, before any step
+    assert module.classifier.needs_calibration  # not even calibrated: nothing slow ran
 
 
 def test_bad_option() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from p4q_lightning.export.format import check_writable
 from p4q_lightning.export.from_module import export_module
 from p4q_lightning.export.writer import ExportReport
 from p4q_lightning.methods import quantized_methods
@@ -53,6 +54,14 @@ class LowBitExportCallback(Callback):
         return (
             Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
         )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse an unwritable export path before the fit (or test) starts, not after it."""
+        exports_after = {"fit": ("fit", "both"), "test": ("test", "both")}.get(stage, ())
+        method = getattr(getattr(pl_module, "classifier", None), "method", None)
+        if self.after in exports_after and method in quantized_methods():
+            if trainer.is_global_zero:
+                check_writable(self.path(trainer))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.after in ("fit", "both"):
