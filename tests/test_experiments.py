@@ -32,7 +32,7 @@ def test_experiments_exist():
     for required in (
         "vitb32_8bit.yaml",
         "vitb32_4bit.yaml",
-        "vitb32_p4q448_cifar100.yaml",
+        "vitb32_p4q_official_cifar100.yaml",
         "vitb32_coop_fp.yaml",
     ):
         assert required in names
