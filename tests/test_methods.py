@@ -44,4 +44,4 @@ def test_module_follows_the_traits(world, name, tmp_path):
     assert (_bits({"method": name, "quant": "w4a4"}) == "fp32") == (not t.quantized)
     if not t.quantized:
         with pytest.raises(ExportMismatchError, match="no quantized student"):
-            export_module(module, tmp_path / "x.safetensors")
+            export_module(module.classifier, tmp_path / "x.safetensors")

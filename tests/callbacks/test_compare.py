@@ -15,20 +15,12 @@ from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    config = tiny_world.write_model_config(root / "cfg")
-    data = tiny_world.write_image_folder(root / "data")
+def fitted(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
     module = P4QModule(
-        model_name=tiny_world.MODEL_NAME,
-        pretrained=None,
-        model_config=str(config),
-        quant="w4a4",
-        quant_overrides=tiny_world.MINMAX,
-        prompt={"n_ctx": 4},
-        features={"views": 1},
+        **tiny_world.module_args(world, quant_overrides=tiny_world.MINMAX, features={"views": 1})
     )
-    dm = tiny_world.TinyDataModule(str(data), batch_size=4)
+    dm = tiny_world.TinyDataModule(str(world["data"]), batch_size=4)
     _trainer(root, [], False).fit(module, datamodule=dm)
     return module, dm
 

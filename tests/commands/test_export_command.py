@@ -11,19 +11,13 @@ from p4q_lightning.export import load_lowbit
 from p4q_lightning.module import P4QModule
 
 
-def test_export_command_from_checkpoint(tmp_path, capsys) -> None:
-    config = tiny_world.write_model_config(tmp_path / "cfg")
-    data = tiny_world.write_image_folder(tmp_path / "data")
+def test_export_command_from_checkpoint(world, tmp_path, capsys) -> None:
     module = P4QModule(
-        model_name=tiny_world.MODEL_NAME,
-        pretrained=None,
-        model_config=str(config),
-        quant="w8a8",
-        quant_overrides=tiny_world.MINMAX,
-        prompt={"n_ctx": 4},
-        features={"views": 1},
+        **tiny_world.module_args(
+            world, quant="w8a8", quant_overrides=tiny_world.MINMAX, features={"views": 1}
+        )
     )
-    dm = tiny_world.TinyDataModule(str(data))
+    dm = tiny_world.TinyDataModule(str(world["data"]))
     trainer = tiny_world.trainer(
         tmp_path,
         num_sanity_val_steps=0,

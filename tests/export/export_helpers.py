@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from p4q_lightning import calibrate, get_spec, quantize
+from p4q_lightning.export import export_lowbit
 from p4q_lightning.quant import ALL_GROUPS
 
 TINY = "export-test-tiny-vit"
@@ -15,6 +18,18 @@ TINY_CFG = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 CLASSNAMES = [f"class {i}" for i in range(10)]
+
+
+def export_head(path: Path, student, tiny_name: str, text: torch.Tensor) -> Path:
+    """Export ``student`` with a classifier head over :data:`CLASSNAMES`; the file's path."""
+    return export_lowbit(
+        path,
+        student,
+        model_name=tiny_name,
+        classnames=CLASSNAMES,
+        text_features=text,
+        logit_scale=100.0,
+    ).path
 
 
 def make_student(tiny_float, preset: str):

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from export_helpers import CLASSNAMES
+from export_helpers import CLASSNAMES, export_head
 
 from p4q_lightning.export import (
     Int8Linear,
     convert_to_int8,
-    export_lowbit,
     fbgemm_exact,
     int8_backend,
     int8_convertible,
@@ -174,14 +173,7 @@ def test_converted_student_agrees_with_fake_quant(tiny_float, images, preset: st
 
 def test_load_lowbit_int8(student, images, tmp_path, tiny_name) -> None:
     preset, model, text = student
-    path = export_lowbit(
-        tmp_path / "m.safetensors",
-        model,
-        model_name=tiny_name,
-        classnames=CLASSNAMES,
-        text_features=text,
-        logit_scale=100.0,
-    ).path
+    path = export_head(tmp_path / "m.safetensors", model, tiny_name, text)
     fq, i8 = load_lowbit(path), load_lowbit(path, int8=True)
     assert i8.int8 and not fq.int8
     assert (fq.predict(images) == i8.predict(images)).float().mean() >= 0.95

@@ -7,25 +7,16 @@ import logging
 
 import pytest
 import torch
-from export_helpers import CLASSNAMES, make_student
+from export_helpers import CLASSNAMES, export_head, make_student
 from PIL import Image
 
-from p4q_lightning.export import export_lowbit, load_lowbit
+from p4q_lightning.export import load_lowbit
 
 
 @pytest.fixture(scope="module")
 def lowbit_file(tiny_float, tiny_name, tmp_path_factory):
     model, text = make_student(tiny_float, "w8a8")
-    path = tmp_path_factory.mktemp("predict") / "m.safetensors"
-    export_lowbit(
-        path,
-        model,
-        model_name=tiny_name,
-        classnames=CLASSNAMES,
-        text_features=text,
-        logit_scale=100.0,
-    )
-    return path
+    return export_head(tmp_path_factory.mktemp("predict") / "m.safetensors", model, tiny_name, text)
 
 
 def test_load_lowbit_does_not_warn_about_random_weights(lowbit_file, caplog):

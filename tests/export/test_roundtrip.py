@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn.functional as F
-from export_helpers import CLASSNAMES
+from export_helpers import CLASSNAMES, export_head
 
 from p4q_lightning.export import export_lowbit, load_lowbit, read_container
 from p4q_lightning.quant import QuantSpec, quant_spec_of
@@ -126,14 +126,7 @@ def test_format_2_file_loads(student, images, tmp_path, tiny_name) -> None:
     from p4q_lightning.export import write_container
 
     preset, model, text = student
-    path = export_lowbit(
-        tmp_path / "new.safetensors",
-        model,
-        model_name=tiny_name,
-        classnames=CLASSNAMES,
-        text_features=text,
-        logit_scale=100.0,
-    ).path
+    path = export_head(tmp_path / "new.safetensors", model, tiny_name, text)
     tensors, info = read_container(path)
     assert info["format_version"] == 3
     assert any(k.endswith(".attn.in_proj.weight") for k in info["quantized"])

@@ -50,7 +50,7 @@ class SeededItems(Dataset):
             return self.dataset[key]
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
             return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:
@@ -65,19 +65,35 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def run_sampler(
+    dataset: Dataset,
+    trainer: Any,
+    default_seed: int = 0,
+    drop_last: bool = False,
+    sampler_class: type[DistributedSampler] = DistributedSampler,
+) -> DistributedSampler:
+    """The training order of one run: shuffled by the run seed (``seed_everything``'s, else
+    ``default_seed``) and the epoch, split by rank (``trainer`` gives world size and rank; None
+    means one process). With N ranks of batch B, a global batch is the same set of samples as
+    one process's batch of N x B. Lightning calls ``set_epoch`` before every epoch and leaves a
+    ``DistributedSampler`` in place under DDP."""
+    world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+    return sampler_class(
+        dataset,
+        num_replicas=world,
+        rank=rank,
+        shuffle=True,
+        seed=seeding.derived_seed("shuffle", default_seed),
+        drop_last=drop_last,
+    )
+
+
 def seeded_train_loader(
     dataset: Dataset, batch_size: int, trainer: Any, default_seed: int = 0, **kwargs: Any
 ) -> DataLoader:
     """A shuffled training loader over ``dataset`` whose order and augmentation follow the run
     seed (``seed_everything``'s, else ``default_seed``), the epoch and, under DDP, the rank
     (``trainer`` gives world size and rank; None means one process)."""
-    world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-    sampler = EpochIndexSampler(
-        dataset,
-        num_replicas=world,
-        rank=rank,
-        shuffle=True,
-        seed=seeding.derived_seed("shuffle", default_seed),
-    )
+    sampler = run_sampler(dataset, trainer, default_seed, sampler_class=EpochIndexSampler)
     items = SeededItems(dataset, seeding.derived_seed("augment", default_seed))
     return DataLoader(items, batch_size=batch_size, sampler=sampler, **kwargs)

@@ -1,4 +1,4 @@
-"""Export a trained ``P4QModule`` (student, prompt, adapter, class names) in one call."""
+"""Export a trained ``P4QClassifier`` (student, prompt, adapter, class names) in one call."""
 
 from __future__ import annotations
 
@@ -56,8 +56,6 @@ def export_module(
     is a :class:`P4QClassifier` (``P4QModule.classifier``); its teacher must have been built from
     an open_clip name (:meth:`P4QClassifier.build`), which the file records.
     """
-    if not isinstance(model, P4QClassifier):
-        model = getattr(model, "classifier", model)  # a P4QModule: export its classifier
     if model.method not in quantized_methods():
         raise ExportMismatchError(
             f"method={model.method!r} has no quantized student to export; low-bit export applies "

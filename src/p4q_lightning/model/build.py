@@ -48,7 +48,7 @@ def build_teacher(
                 f"model_name is {model_name!r}; set model_name to the config's file name"
             )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
+        torch.default_generator.manual_seed(init_seed)
         model, _, tokenizer = load_clip(model_name, pretrained)
     model.requires_grad_(False)
     model.eval()

@@ -150,7 +150,7 @@ def build_feature_cache(
         outs: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
         view_labels = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + view)
+            torch.default_generator.manual_seed(seed + view)
             for batch in tqdm(
                 loader,
                 desc=f"caching features (view {view + 1}/{views})",

@@ -18,9 +18,10 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from p4q_lightning import seeding
+from p4q_lightning.data.seeded import run_sampler
 from p4q_lightning.training.feature_cache import (
     CachedFeatureDataset,
     FeatureCache,
@@ -99,16 +100,12 @@ class TrainFeatureSource:
         if self.dataset is None:
             self.dataset = CachedFeatureDataset(self.cache, length=_length(images))
             self.dataset.epoch = self.module.current_epoch
-        trainer = self.module.trainer
-        # The order is a function of (seed, epoch, rank) alone: Lightning calls set_epoch before
-        # every epoch, so a resumed run shuffles exactly as the uninterrupted one, and the
-        # global batch of N ranks x B is the same set of samples as one process with N x B.
-        sampler = DistributedSampler(
+        # The order is a function of (seed, epoch, rank) alone, as for the image loader: a
+        # resumed run shuffles exactly as the uninterrupted one, and N ranks equal one process.
+        sampler = run_sampler(
             self.dataset,
-            num_replicas=trainer.world_size,
-            rank=trainer.global_rank,
-            shuffle=True,
-            seed=seeding.derived_seed("shuffle", int(self.module.hparams.init_seed)),
+            self.module.trainer,
+            int(self.module.hparams.init_seed),
             drop_last=images.drop_last,
         )
         sampler.set_epoch(self.module.current_epoch)
