@@ -100,9 +100,27 @@ def _data_args(data: Any) -> dict[str, Any]:
     return {}
 
 
+SYNTHETIC = "synthetic"
+
+
+def dataset_label(dataset: Any, world_seed: int | None = None) -> str:
+    """The one name of a dataset in run directories, W&B and ``p4q compare``: its slug, and
+    ``synthetic-<world seed>`` for the synthetic world however the config spells it
+    (``synthetic:0``, or ``synthetic`` with ``synthetic.world_seed: 0``)."""
+    text = str(dataset)
+    if text == SYNTHETIC or text.startswith(SYNTHETIC + ":"):
+        seed = text.split(":", 1)[1] if ":" in text else world_seed
+        return slug(f"{SYNTHETIC}-{seed if seed is not None else 0}")
+    return slug(text)
+
+
 def _dataset(data: Any) -> str:
     args = _data_args(data)
-    for key in ("dataset", "root", "data_dir"):
+    if args.get("dataset"):
+        synthetic = args.get("synthetic")
+        seed = synthetic.get("world_seed") if isinstance(synthetic, Mapping) else None
+        return dataset_label(args["dataset"], seed)
+    for key in ("root", "data_dir"):
         if args.get(key):
             return slug(args[key])
     class_path = data.get("class_path", "") if isinstance(data, Mapping) else ""
