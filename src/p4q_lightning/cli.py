@@ -10,9 +10,11 @@ which receives the arguments after the sub-command name.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +100,8 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # 
     from p4q_lightning.module import P4QModule
     from p4q_lightning.run_cli import P4QCLI, RunConfigCallback
 
+    # a bad option raises (one `error:` line from main) instead of printing 90 lines of usage
+    kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
     return P4QCLI(
         P4QModule,
         LightningDataModule,
@@ -116,12 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     A failure is one line on stderr and exit status 1; ``P4Q_DEBUG=1`` shows the traceback.
     """
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except Exception as err:  # KeyboardInterrupt and SystemExit pass through
         if debug_requested():
             raise
-        sys.stderr.write(f"error: {one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n")
+        text = option_error(err, args) if isinstance(err, argparse.ArgumentError) else None
+        sys.stderr.write(
+            f"error: {text or one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n"
+        )
         return 1
 
 
@@ -140,6 +148,65 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, (KeyError, AttributeError, TypeError, IndexError)):
         text = f"{type(err).__name__}: {text}"
     return text
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    return files + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+
+def _known_options() -> list[str]:
+    """Dotted names of the model's and trainer's options, for "did you mean" hints."""
+    import dataclasses
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from p4q_lightning.module import P4QModule
+
+    names = []
+    for name, param in inspect.signature(P4QModule.__init__).parameters.items():
+        names.append(f"model.{name}")
+        if dataclasses.is_dataclass(param.default):
+            names += [f"model.{name}.{f.name}" for f in dataclasses.fields(param.default)]
+    names += [f"trainer.{n}" for n in inspect.signature(Trainer.__init__).parameters]
+    return names
+
+
+def option_error(err: BaseException, args: Sequence[str]) -> str | None:
+    """One line for a jsonargparse error (an unknown or mistyped option), naming the option,
+    the config file it came from and the fix; None when the message has another shape."""
+    text = " ".join(str(err).split())
+    files = _config_files(args)
+    where = f" in {', '.join(files)}" if files else ""
+    command = next((a for a in args if not a.startswith("-")), "fit")
+    help_hint = f"`p4q {command} --help` lists every option"
+    flags = {a.lstrip("-").split("=", 1)[0].replace(".init_args.", ".") for a in args}
+    unknown = re.search(
+        r"(?:does not accept options? '?|unrecognized arguments: )([^' ]+)", text
+    )
+    if unknown:
+        key = unknown.group(1).lstrip("-")
+        from_flag = key in flags
+        close = difflib.get_close_matches(key, _known_options(), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return (
+            f"unknown option {key}{'' if from_flag else where}{hint}; remove or rename it "
+            f"({help_hint})"
+        )
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    expected = list(dict.fromkeys(re.findall(r"Expected a <class '([\w.]+)'>", text)))
+    given = re.search(r"(?:Got value|Given value): (.+?)(?: - |$)", text)
+    if keys and keys[0] != "config" and expected and given:
+        wanted = [t for t in expected if t != "NoneType"] or expected
+        value = given.group(1).removeprefix("NestedArg(").rstrip(")")
+        key = ".".join(keys)
+        return (
+            f"option {key} must be {' or '.join(wanted)}, got {value}"
+            f"{'' if key in flags else where}; fix "
+            f"the value ({help_hint})"
+        )
+    return None
 
 
 def refuse_moved_options(args: Sequence[str]) -> None:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "runs"
 WANDB_ID_FILE = "wandb_id"
 FIT_CONFIG = "config.yaml"
+# written when a fit completes its first training step: from then on the directory holds a run
+TRAINED_MARKER = "trained"
 # what a run writes into its directory; `--overwrite true` removes exactly these
 RUN_ARTEFACTS = (
     FIT_CONFIG,
@@ -33,7 +35,10 @@ RUN_ARTEFACTS = (
     "model-lowbit.safetensors",
     "predictions.csv",
     WANDB_ID_FILE,
+    TRAINED_MARKER,
 )
+# what only a run that got somewhere writes (a fit that failed before its first step writes none)
+RESULT_ARTEFACTS = ("comparison", "model-lowbit.safetensors", "predictions.csv", TRAINED_MARKER)
 
 
 def slug(text: Any) -> str:
@@ -168,6 +173,22 @@ def previous_run(directory: Path) -> list[str]:
     return sorted(name for name in RUN_ARTEFACTS if (directory / name).exists())
 
 
+def got_anywhere(directory: Path, checkpoint_dirs: Sequence[Path] = ()) -> bool:
+    """Whether the run in ``directory`` completed a training step or wrote a result (a
+    checkpoint, comparison, export or predictions); a fit that failed before its first step
+    leaves only its config and W&B id, which do not make a run."""
+    dirs = [directory / "checkpoints", *checkpoint_dirs]
+    return any((directory / name).exists() for name in RESULT_ARTEFACTS) or any(
+        any(Path(d).glob("*.ckpt")) for d in dirs
+    )
+
+
+def mark_trained(directory: Path) -> None:
+    """Record that a fit in ``directory`` completed a training step."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / TRAINED_MARKER).write_text("a fit completed a training step here\n")
+
+
 class RunExistsError(RuntimeError):
     """``fit`` into a directory that already holds a run, without resume or overwrite."""
 
@@ -183,6 +204,15 @@ def prepare_fit(
     the run's own ``checkpoints/``."""
     found = previous_run(directory)
     if not found:
+        return
+    if not got_anywhere(directory, checkpoint_dirs):
+        log.warning(
+            "%s holds only the %s of a fit that never completed a training step: starting it "
+            "again",
+            directory,
+            " and ".join(found),
+        )
+        _remove(directory, found)
         return
     dirs = [directory / "checkpoints", *checkpoint_dirs]
     if ckpt_path == "last" and not any(list(Path(d).glob("last*.ckpt")) for d in dirs):
@@ -200,7 +230,11 @@ def prepare_fit(
             "(or `--run_dir`) to start another"
         )
     log.warning("--overwrite: removing the previous run's %s from %s", ", ".join(found), directory)
-    for name in found:
+    _remove(directory, found)
+
+
+def _remove(directory: Path, names: Sequence[str]) -> None:
+    for name in names:
         path = directory / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

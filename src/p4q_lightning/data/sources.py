@@ -87,6 +87,16 @@ def decode_image(data: str | os.PathLike[str] | bytes, name: str) -> Image.Image
         ) from err
 
 
+def require_classes(classnames: Sequence[str], what: str, fix: str) -> None:
+    """Refuse a dataset of fewer than two classes before anything starts (a classifier of one
+    class fails deep inside the metrics, after the logger has started)."""
+    if len(classnames) < 2:
+        found = f"only the class {classnames[0]!r}" if classnames else "no class"
+        raise ValueError(
+            f"{what} has {found}, but classification needs at least two classes; {fix}"
+        )
+
+
 class ImageSource(ABC):
     """A labelled image collection with ``train`` and optional ``val`` / ``test`` splits."""
 
@@ -157,6 +167,12 @@ class FolderSource(ImageSource):
                 f"no class folders in {train_dir}: expected {train_dir}/<class>/<image files> "
                 "(for ImageNet: train/<wnid>/*.JPEG and val/<wnid>/*)"
             )
+        require_classes(
+            self.class_folders,
+            f"the image folder {train_dir}",
+            "point data.init_args.dataset at the folder that holds one sub-folder per class "
+            f"({train_dir}/<class>/<images>), with at least two of them",
+        )
         self.classnames = wnid_to_classname(self.class_folders) or [
             folder_to_classname(f) for f in self.class_folders
         ]
