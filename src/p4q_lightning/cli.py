@@ -3,8 +3,9 @@
 ``p4q --help`` lists every command and ``--version`` answers without importing torch.
 ``fit``/``validate``/``test``/``predict`` (and ``--print_config``) are LightningCLI over
 :class:`~p4q_lightning.module.P4QModule` and any LightningDataModule (``data.class_path``).
-``export``, ``compare`` and ``demo`` dispatch to ``p4q_lightning.commands.<name>.main(argv)``,
-which receives the arguments after the sub-command name.
+``export``, ``compare``, ``demo`` and ``import-official`` dispatch to
+``p4q_lightning.commands.<name>.main(argv)`` (``-`` read as ``_``), which receives the arguments
+after the sub-command name.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("export", "compare", "demo")
+SUBCOMMANDS = ("export", "compare", "demo", "import-official")
 # every command, in the order the overview lists them, with its one-line summary
 COMMANDS = {
     "fit": "train (LightningCLI): fit --config experiments/vitb32_4bit.yaml",
@@ -33,6 +34,7 @@ COMMANDS = {
     "export": "write the low-bit model file from a checkpoint (p4q export CKPT --verify)",
     "compare": "gather run directories into one table (mean ± std over seeds) and a plot",
     "demo": "the embedded CPU demo: P4Q / PTQ / CoOp on a synthetic world",
+    "import-official": "the official P4Q release (--prompt P.pth --adapter A.pth) as a checkpoint",
 }
 HELP_FLAGS = ("-h", "--help")
 
@@ -48,7 +50,7 @@ def _overview() -> argparse.ArgumentParser:
         description="P4Q (Prompt for Quantization) for low-bit open_clip CLIP on PyTorch "
         "Lightning.",
         epilog="commands:\n"
-        + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+        + "\n".join(f"  {name:<16} {text}" for name, text in COMMANDS.items())
         + "\n\n`p4q COMMAND --help` lists the command's own arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,7 +82,7 @@ def _log_to_console() -> None:
 
 
 def _dispatch(name: str, argv: list[str]) -> int | None:
-    module_name = f"p4q_lightning.commands.{name}"
+    module_name = f"p4q_lightning.commands.{name.replace('-', '_')}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -93,8 +95,11 @@ def _dispatch(name: str, argv: list[str]) -> int | None:
     return module.main(argv)
 
 
-def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # type: ignore[no-untyped-def]
-    """Build the LightningCLI (``run=False`` parses and instantiates without running)."""
+def cli_main(  # type: ignore[no-untyped-def]
+    args: Sequence[str] | None = None, run: bool = True, cli_class: type | None = None, **kwargs
+):
+    """Build the LightningCLI (``run=False`` parses and instantiates without running;
+    ``cli_class``: a subclass of ``P4QCLI``)."""
     from lightning.pytorch import LightningDataModule
 
     from p4q_lightning.module import P4QModule
@@ -102,7 +107,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # 
 
     # a bad option raises (one `error:` line from main) instead of printing 90 lines of usage
     kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
-    return P4QCLI(
+    return (cli_class or P4QCLI)(
         P4QModule,
         LightningDataModule,
         subclass_mode_data=True,
