@@ -195,4 +195,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_last_ckpt(
     assert "the previous last.ckpt is kept" in line and "--ckpt_path last" in line
     # the epoch's own checkpoint was written; no half-written temporary file is left behind
     now = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert now == ["epoch=1-step=8.ckpt", "last.ckpt"] and written == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert now == ["epoch=1-step=8.ckpt", "last.ckpt"] and written == [
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]

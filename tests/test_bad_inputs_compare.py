@@ -49,7 +49,9 @@ def write_run(
         {**row, "method": "p4q", "bits": "w4a4", "shots": 16, "top1": top1},
     ]
     run = {"model": "ViT-B-32", "dataset": dataset, "shots": 16, "seed": seed}
-    (directory / "comparison" / "comparison.json").write_text(json.dumps({"run": run, "rows": rows}))
+    (directory / "comparison" / "comparison.json").write_text(
+        json.dumps({"run": run, "rows": rows})
+    )
     return directory
 
 

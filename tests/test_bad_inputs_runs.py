@@ -20,6 +20,9 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 def _quiet(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("P4Q_DEBUG", raising=False)
+    yield
+    if wandb.run is not None:  # a later test's WandbLogger would attach to this run
+        wandb.finish()
 
 
 def one_line_error(err: str) -> str:
@@ -70,9 +73,7 @@ def write_config(world, tmp: Path, dataset: Path, wandb_logger: bool, **model) -
     )
 
 
-def test_a_fit_that_never_stepped_does_not_block_its_rerun(
-    world, tmp_path, capsys, monkeypatch
-):
+def test_a_fit_that_never_stepped_does_not_block_its_rerun(world, tmp_path, capsys, monkeypatch):
     one_class = write_folder(tmp_path / "one", classes=1)
     two_classes = write_folder(tmp_path / "two", classes=2)
     run = tmp_path / "run"

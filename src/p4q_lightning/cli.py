@@ -132,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         if debug_requested():
             raise
         text = option_error(err, args) if isinstance(err, argparse.ArgumentError) else None
-        sys.stderr.write(
-            f"error: {text or one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n"
-        )
+        sys.stderr.write(f"error: {text or one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n")
         return 1
 
 
@@ -187,9 +185,7 @@ def option_error(err: BaseException, args: Sequence[str]) -> str | None:
     command = next((a for a in args if not a.startswith("-")), "fit")
     help_hint = f"`p4q {command} --help` lists every option"
     flags = {a.lstrip("-").split("=", 1)[0].replace(".init_args.", ".") for a in args}
-    unknown = re.search(
-        r"(?:does not accept options? '?|unrecognized arguments: )([^' ]+)", text
-    )
+    unknown = re.search(r"(?:does not accept options? '?|unrecognized arguments: )([^' ]+)", text)
     if unknown:
         key = unknown.group(1).lstrip("-")
         from_flag = key in flags

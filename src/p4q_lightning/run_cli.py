@@ -185,7 +185,8 @@ class P4QCLI(LightningCLI):
             return
         now = _flat(cfg.model)
         changed = sorted(
-            k for k in set(now) | set(self._requested_model)
+            k
+            for k in set(now) | set(self._requested_model)
             if now.get(k) != self._requested_model.get(k)
         )
         if not changed:

@@ -207,8 +207,7 @@ def prepare_fit(
         return
     if not got_anywhere(directory, checkpoint_dirs):
         log.warning(
-            "%s holds only the %s of a fit that never completed a training step: starting it "
-            "again",
+            "%s holds only the %s of a fit that never completed a training step: starting it again",
             directory,
             " and ".join(found),
         )

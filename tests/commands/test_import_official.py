@@ -73,9 +73,7 @@ def import_official(cfg: Path, prompt: Path, adapter: Path, run: Path, *extra: s
     return cli.main([*argv, "--adapter", str(adapter), "--run_dir", str(run), *extra])
 
 
-def test_the_release_becomes_a_checkpoint_that_lightning_test_evaluates(
-    world, tmp_path, capsys
-):
+def test_the_release_becomes_a_checkpoint_that_lightning_test_evaluates(world, tmp_path, capsys):
     from p4q_lightning.callbacks.calibration import NonEmptyBatches
     from p4q_lightning.module import P4QModule
 
@@ -160,22 +158,31 @@ def test_non_finite_release_tensors_are_refused(world, tmp_path, capsys):
     payload["model_state_dict"]["fc.out_fc.weight"][0, 0] = float("nan")
     torch.save(payload, adapter)
     assert import_official(tiny_config(world, tmp_path), prompt, adapter, tmp_path / "r") == 1
-    assert f"checkpoint {adapter} holds NaN or inf in 1 tensor(s): fc.out_fc.weight" in (
-        one_line_error(capsys)
-    )
+    line = one_line_error(capsys)
+    assert f"checkpoint {adapter} holds NaN or inf in 1 tensor(s): fc.out_fc.weight" in line
+    assert "download it again" in line
 
 
 @pytest.mark.parametrize(
     ("shape", "expected"),
     [
-        ({"n_ctx": 3}, "the release has 3 context vectors but the config builds 4; set "
-         "--model.prompt.n_ctx 3"),
-        ({"classes": 5}, "the release was trained for 5 classes (its token_prefix) but the "
-         "dataset has 4"),
-        ({"hidden": 16}, "the release's adapter has 16 hidden units but "
-         "model.adapter.reduction=4 gives 8; set --model.adapter.reduction 2"),
-        ({"width": 32}, "the release's context vectors are 32 wide but tiny-test-vit's token "
-         "embeddings are 64"),
+        (
+            {"n_ctx": 3},
+            "the release has 3 context vectors but the config builds 4; set --model.prompt.n_ctx 3",
+        ),
+        (
+            {"classes": 5},
+            "the release was trained for 5 classes (its token_prefix) but the dataset has 4",
+        ),
+        (
+            {"hidden": 16},
+            "the release's adapter has 16 hidden units but "
+            "model.adapter.reduction=4 gives 8; set --model.adapter.reduction 2",
+        ),
+        (
+            {"width": 32},
+            "the release's context vectors are 32 wide but tiny-test-vit's token embeddings are 64",
+        ),
     ],
 )
 def test_shapes_that_do_not_fit_are_one_error_each(world, tmp_path, capsys, shape, expected):

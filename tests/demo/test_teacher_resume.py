@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from filelock import FileLock
+from safetensors.torch import save_file
 
 from p4q_lightning.demo import teacher
 from p4q_lightning.demo.teacher import PretrainConfig, ensure_teacher_checkpoint

@@ -231,9 +231,7 @@ def _key(r: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-def _label_settings(
-    rows: list[dict[str, Any]], settings: dict[str, dict[str, str] | None]
-) -> None:
+def _label_settings(rows: list[dict[str, Any]], settings: dict[str, dict[str, str] | None]) -> None:
     """Name, on each trained row, the settings in which its run differs from the other runs of
     the same experiment, method and bits (seeds aside)."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}

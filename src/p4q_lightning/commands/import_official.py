@@ -135,8 +135,9 @@ def read_release(prompt: Path, adapter: Path) -> Release:
             f"{adapter} lacks {', '.join(missing)}; the official adapter file holds "
             f"{', '.join(ADAPTER_KEYS)}"
         )
-    check_finite({"ctx": ctx, **{k: v for k, v in prompt_state.items() if k != "ctx"}}, str(prompt))
-    check_finite({k: adapter_state[k] for k in ADAPTER_KEYS}, str(adapter))
+    damaged = "The file is damaged or not the release's: download it again"
+    check_finite(prompt_state, str(prompt), damaged)
+    check_finite({k: adapter_state[k] for k in ADAPTER_KEYS}, str(adapter), damaged)
     return Release(prompt_state, adapter_state, {"prompt": prompt, "adapter": adapter})
 
 
@@ -153,7 +154,7 @@ def check_fits(release: Release, module: Any, classnames: list[str]) -> None:
     if prompt.class_specific or prompt.class_token_position != "end":
         raise ValueError(
             "the release's context is shared by all classes and precedes the class name "
-            "(\"X ... X name.\"); set model.prompt.class_specific: false and "
+            '("X ... X name."); set model.prompt.class_specific: false and '
             "model.prompt.class_token_position: end"
         )
     n_ctx, width = release.ctx.shape

@@ -24,7 +24,6 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from p4q_lightning.args import AdapterArgs, PromptArgs, as_group, group_flat_hparams
 from p4q_lightning.files import atomic_write
-
 from p4q_lightning.quant import (
     ActivationQuantizer,
     Log2Quantizer,
@@ -143,7 +142,13 @@ def _part(key: str) -> str:
     return next(text for prefix, text in _PARTS if bare.startswith(prefix))
 
 
-def check_finite(state: Mapping[str, Any], source: str) -> None:
+DIVERGED = (
+    "The run that wrote it diverged (or the file is damaged): use an earlier checkpoint of the "
+    "run (checkpoints/epoch=*.ckpt) or train again, e.g. with a lower learning rate"
+)
+
+
+def check_finite(state: Mapping[str, Any], source: str, fix: str = DIVERGED) -> None:
     """Refuse a state dict with NaN/inf in a floating tensor, naming the checkpoint and the
     tensors (a diverged run; evaluating it would report chance accuracy and a NaN loss)."""
     bad = [
@@ -157,9 +162,7 @@ def check_finite(state: Mapping[str, Any], source: str) -> None:
         named = ", ".join(f"{key} ({_part(key)})" for key in bad[:4])
         raise NonFiniteCheckpointError(
             f"checkpoint {source} holds NaN or inf in {len(bad)} tensor(s): {named}"
-            f"{', ...' if len(bad) > 4 else ''}. The run that wrote it diverged (or the file is "
-            "damaged): use an earlier checkpoint of the run (checkpoints/epoch=*.ckpt) or train "
-            "again, e.g. with a lower learning rate"
+            f"{', ...' if len(bad) > 4 else ''}. {fix}"
         )
 
 
