@@ -108,11 +108,28 @@ def test_a_wrong_type_in_yaml_is_one_line(world, tmp_path, capsys):
     assert f"option model.prompt.n_ctx must be int, got four in {cfg}" in line
 
 
+def test_a_yaml_syntax_error_and_a_class_path_typo_are_one_line(world, tmp_path, capsys):
+    cfg = tiny_config(world, tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(cfg.read_text().replace("max_epochs: 1", "max_epochs: [1"))
+    assert cli.main(["fit", "--config", str(broken)]) == 1
+    assert f"{broken} is not valid YAML (" in one_line_error(capsys)
+    typo = edit(cfg, lambda c: c["data"].update(class_path="tiny_world.TinyDataModul"))
+    assert cli.main(["fit", "--config", str(typo)]) == 1
+    line = one_line_error(capsys)
+    assert "data.class_path 'tiny_world.TinyDataModul' cannot be used (module 'tiny_world' " in (
+        line
+    )
+    assert f"in {typo}; check the module and class name" in line
+
+
 def test_bad_command_line_options_are_one_line(world, tmp_path, capsys):
     cfg = str(tiny_config(world, tmp_path))
     assert cli.main(["fit", "--config", cfg, "--trainer.max_epochs", "x"]) == 1
     line = one_line_error(capsys)
     assert "option trainer.max_epochs must be int, got x;" in line  # no file: it was a flag
+    assert cli.main(["fit", "--config", cfg, "--data.init_args.batch_size", "abc"]) == 1
+    assert "option data.init_args.batch_size must be int, got abc;" in one_line_error(capsys)
     assert cli.main(["test", "--config", cfg, "--model.adaptr.ratio", "0.5"]) == 1
     line = one_line_error(capsys)
     assert "unknown option model.adaptr.ratio (did you mean model.adapter.ratio?)" in line

@@ -177,35 +177,49 @@ def _known_options() -> list[str]:
 
 
 def option_error(err: BaseException, args: Sequence[str]) -> str | None:
-    """One line for a jsonargparse error (an unknown or mistyped option), naming the option,
-    the config file it came from and the fix; None when the message has another shape."""
+    """One line for a jsonargparse error (YAML syntax, an unknown or mistyped option, a class
+    path that does not import), naming the option, the config file it came from and the fix;
+    None when the message has another shape."""
     text = " ".join(str(err).split())
     files = _config_files(args)
     where = f" in {', '.join(files)}" if files else ""
     command = next((a for a in args if not a.startswith("-")), "fit")
     help_hint = f"`p4q {command} --help` lists every option"
     flags = {a.lstrip("-").split("=", 1)[0].replace(".init_args.", ".") for a in args}
+    if text.startswith("Problems parsing config"):
+        detail = text.split(":", 1)[1].strip().replace('in "<unicode string>", ', "")
+        return f"{', '.join(files) or 'the config'} is not valid YAML ({detail}); fix its syntax"
     unknown = re.search(r"(?:does not accept options? '?|unrecognized arguments: )([^' ]+)", text)
     if unknown:
         key = unknown.group(1).lstrip("-")
-        from_flag = key in flags
         close = difflib.get_close_matches(key, _known_options(), n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""
         return (
-            f"unknown option {key}{'' if from_flag else where}{hint}; remove or rename it "
+            f"unknown option {key}{'' if key in flags else where}{hint}; remove or rename it "
             f"({help_hint})"
         )
     keys = re.findall(r'Parser key "([^"]+)"', text)
-    expected = list(dict.fromkeys(re.findall(r"Expected a <class '([\w.]+)'>", text)))
-    given = re.search(r"(?:Got value|Given value): (.+?)(?: - |$)", text)
-    if keys and keys[0] != "config" and expected and given:
-        wanted = [t for t in expected if t != "NoneType"] or expected
-        value = given.group(1).removeprefix("NestedArg(").rstrip(")")
-        key = ".".join(keys)
+    if not keys or keys[0] == "config":
+        return None
+    inner = re.search(
+        r"Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)",
+        text,
+    )
+    detail = inner.group(2) if inner else text
+    expected = list(dict.fromkeys(re.findall(r"Expected a <class '([\w.]+)'>", detail)))
+    given = re.search(r"(?:Got value|Given value): (.+?)(?: - |$)", detail)
+    key = ".".join(keys) if not inner else ".init_args.".join([keys[0], ".".join(keys[1:])])
+    if inner and len(keys) == 1:  # the class itself: a typo in the class path
         return (
-            f"option {key} must be {' or '.join(wanted)}, got {value}"
-            f"{'' if key in flags else where}; fix "
-            f"the value ({help_hint})"
+            f"{keys[0]}.class_path {inner.group(1)!r} cannot be used ({inner.group(2).strip()})"
+            f"{where}; check the module and class name"
+        )
+    if expected and given:
+        wanted = [t for t in expected if t != "NoneType"] or expected
+        shown = key.replace(".init_args.", ".")
+        return (
+            f"option {key} must be {' or '.join(wanted)}, got {given.group(1)}"
+            f"{'' if shown in flags else where}; fix the value ({help_hint})"
         )
     return None
 
