@@ -110,13 +110,39 @@ def test_the_release_becomes_a_checkpoint_that_lightning_test_evaluates(world, t
     for key, value in ranges.items():
         assert torch.equal(state[key], value), key
 
-    # `lightning test --ckpt_path` evaluates it as a trained P4Q checkpoint
-    argv = ["test", "--config", str(cfg), "--ckpt_path", str(ckpt), "--run_dir", str(run)]
+    # the printed `lightning test --ckpt_path` evaluates it as a trained P4Q checkpoint
+    command = out.split("evaluate it: lightning ", 1)[1].split()
+    assert command == [
+        "test",
+        "--config",
+        str(cfg),
+        "--ckpt_path",
+        str(ckpt),
+        "--run_dir",
+        str(run),
+    ]
+    evaluate(command, capsys)
+
+
+def evaluate(command: list[str], capsys) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cli.main(argv) is None
+        assert cli.main(command) is None
     assert not [w for w in caught if "UNTRAINED" in str(w.message)]
     assert "test/top1" in capsys.readouterr().out
+
+
+def test_overrides_are_kept_in_the_run_and_the_printed_command(world, tmp_path, capsys):
+    prompt, adapter, tensors = release_files(tmp_path / "release")
+    cfg, run = tiny_config(world, tmp_path), tmp_path / "imported"
+    assert import_official(cfg, prompt, adapter, run, "--model.logit_scale", "50") == 0
+    out = capsys.readouterr().out
+    ckpt = run / "checkpoints" / CHECKPOINT_NAME
+    command = out.split("evaluate it: lightning ", 1)[1].split()
+    assert command == ["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)]
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["logit_scale"] == 50.0
+    evaluate(command, capsys)
+    assert (run / "config-test.yaml").is_file()  # the evaluation ran in the import's run
 
 
 def test_module_prefixes_of_data_parallel_are_accepted(tmp_path):

@@ -323,17 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         (rest[i + 1] for i, a in enumerate(rest[:-1]) if a in ("--config", "-c")),
         next((a.split("=", 1)[1] for a in rest if a.startswith("--config=")), "CONFIG"),
     )
-    overrides = [a for a in rest if a.startswith(("--model.", "--data."))]
-    sys.stdout.write(
-        f"wrote {ckpt} ({origin['n_ctx']} context vectors, adapter "
-        f"{release.adapter['fc.in_fc.weight'].shape[1]}->"
-        f"{release.adapter['fc.in_fc.weight'].shape[0]}->"
-        f"{release.adapter['fc.out_fc.weight'].shape[0]}, {len(classnames)} classes, calibrated)"
-        f"\nevaluate it: lightning test --config {config_arg} --ckpt_path {ckpt} --run_dir "
-        f"{directory}\n"
+    overridden = any(a.startswith(("--model.", "--data.", "--trainer.")) for a in rest)
+    evaluate = (  # the saved config holds the overrides and the run directory
+        f"--config {directory / 'config.yaml'} --ckpt_path {ckpt}"
+        if overridden
+        else f"--config {config_arg} --ckpt_path {ckpt} --run_dir {directory}"
     )
-    if overrides:
-        log.info("the checkpoint keeps the overrides %s (they are its settings now)", overrides)
+    adapter_shape = release.adapter["fc.in_fc.weight"].shape
+    sys.stdout.write(
+        f"wrote {ckpt} ({origin['n_ctx']} context vectors, adapter {adapter_shape[1]}->"
+        f"{adapter_shape[0]}->{adapter_shape[1]}, {len(classnames)} classes, calibrated)\n"
+        f"evaluate it: lightning test {evaluate}\n"
+    )
     return 0
 
 
