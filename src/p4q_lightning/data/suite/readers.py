@@ -18,11 +18,12 @@ Folders are listed through :func:`~p4q_lightning.data.listing.list_folder` (inde
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p4q_lightning.data.listing import Listing, list_folder
+from p4q_lightning.data.listing import Listing, PathChunks, list_folder
 from p4q_lightning.data.sources import IMAGE_EXTENSIONS
 from p4q_lightning.data.suite.catalog import SuiteDataset
 
@@ -35,10 +36,11 @@ class SuiteLayoutError(FileNotFoundError):
 
 @dataclass
 class SuiteItems:
-    """Class names by label and, per split, (paths relative to the dataset folder, labels)."""
+    """Class names by label and, per split, (paths relative to the dataset folder, labels);
+    listed folders give their paths as :class:`PathChunks`, built on first use."""
 
     classnames: list[str]
-    splits: dict[str, tuple[list[str], list[int]]]
+    splits: dict[str, tuple[Sequence[str], list[int]]]
     class_ids: list[str] | None = None  # ImageNet family: the wnid of each label
 
 
@@ -95,7 +97,7 @@ def _check_exist(
         top, _, rest = path.partition("/")
         if top not in listings:
             listings[top] = (
-                list_folder(folder / top, index_dir) if rest and (folder / top).is_dir() else None
+                _images(folder / top, index_dir) if rest and (folder / top).is_dir() else None
             )
         listing = listings[top]
         found = (
@@ -231,8 +233,9 @@ def read_classnames_txt(spec: SuiteDataset, folder: Path) -> dict[str, str]:
     return names
 
 
-def _image_files(listing: Listing, folder: str) -> list[str]:
-    return [f for f in listing.files(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
+def _images(folder: Path, index_dir: Path | None) -> Listing:
+    """The image files of the tree under ``folder`` (hidden and other files left out)."""
+    return list_folder(folder, index_dir, IMAGE_EXTENSIONS)
 
 
 def _named(spec: SuiteDataset, wnids: list[str], names: dict[str, str], where: Path) -> list[str]:
@@ -249,25 +252,25 @@ def _read_imagenet(spec: SuiteDataset, folder: Path, index_dir: Path | None) -> 
     image_dir = _require_dir(spec, folder, spec.image_dir)
     train_dir = _require_dir(spec, image_dir, "train")
     val_dir = _require_dir(spec, image_dir, "val")
-    train = list_folder(train_dir, index_dir)
+    train = _images(train_dir, index_dir)
     wnids = train.subdirs()
     if not wnids:
         raise SuiteLayoutError(f"{spec.name}: {train_dir} has no class folders")
     classnames = _named(spec, wnids, names, train_dir)
     label_of = {w: i for i, w in enumerate(wnids)}
-    splits: dict[str, tuple[list[str], list[int]]] = {}
+    splits: dict[str, tuple[Sequence[str], list[int]]] = {}
     for split, listing, sub in (("train", train, "train"), ("test", None, "val")):
-        listing = listing or list_folder(val_dir, index_dir)
+        listing = listing or _images(val_dir, index_dir)
         extra = [w for w in listing.subdirs() if w not in label_of]
         if extra:
             raise SuiteLayoutError(
                 f"{spec.name}: {image_dir / sub} has class folders that train/ lacks: {extra[:5]}"
             )
-        paths, labels = [], []
+        paths, labels = PathChunks(), []
         for wnid in listing.subdirs():
-            files = _image_files(listing, wnid)
-            paths += [f"{spec.image_dir}/{sub}/{wnid}/{f}" for f in files]
-            labels += [label_of[wnid]] * len(files)
+            joined, count = listing.joined(wnid)
+            paths.add(f"{spec.image_dir}/{sub}/{wnid}/", joined, count)
+            labels += [label_of[wnid]] * count
         splits[split] = (paths, labels)
     return SuiteItems(classnames, splits, wnids)
 
@@ -275,32 +278,32 @@ def _read_imagenet(spec: SuiteDataset, folder: Path, index_dir: Path | None) -> 
 def _read_imagenet_v2(spec: SuiteDataset, folder: Path, index_dir: Path | None) -> SuiteItems:
     names = read_classnames_txt(spec, folder)
     image_dir = _require_dir(spec, folder, spec.image_dir)
-    listing = list_folder(image_dir, index_dir)
+    listing = _images(image_dir, index_dir)
     missing = [str(i) for i in range(len(names)) if not listing.has_dir(str(i))]
     if missing:
         raise SuiteLayoutError(
             f"{spec.name}: {image_dir} lacks the label folder(s) {missing[:5]} (one folder 0..."
             f"{len(names) - 1} per line of classnames.txt)"
         )
-    paths, labels = [], []
+    paths, labels = PathChunks(), []
     for label in range(len(names)):
-        files = _image_files(listing, str(label))
-        paths += [f"{spec.image_dir}/{label}/{f}" for f in files]
-        labels += [label] * len(files)
+        joined, count = listing.joined(str(label))
+        paths.add(f"{spec.image_dir}/{label}/", joined, count)
+        labels += [label] * count
     return SuiteItems([spaced(n) for n in names.values()], {"test": (paths, labels)}, list(names))
 
 
 def _read_wnid_folders(spec: SuiteDataset, folder: Path, index_dir: Path | None) -> SuiteItems:
     names = read_classnames_txt(spec, folder)
     image_dir = _require_dir(spec, folder, spec.image_dir)
-    listing = list_folder(image_dir, index_dir)
+    listing = _images(image_dir, index_dir)
     wnids = listing.subdirs()  # files beside them (ImageNet-A's README.txt) are not classes
     if not wnids:
         raise SuiteLayoutError(f"{spec.name}: {image_dir} has no class folders")
     classnames = _named(spec, wnids, names, image_dir)
-    paths, labels = [], []
+    paths, labels = PathChunks(), []
     for label, wnid in enumerate(wnids):
-        files = _image_files(listing, wnid)
-        paths += [f"{spec.image_dir}/{wnid}/{f}" for f in files]
-        labels += [label] * len(files)
+        joined, count = listing.joined(wnid)
+        paths.add(f"{spec.image_dir}/{wnid}/", joined, count)
+        labels += [label] * count
     return SuiteItems(classnames, {"test": (paths, labels)}, wnids)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from array import array
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from p4q_lightning.data.listing import PathChunks
 from p4q_lightning.data.sources import ImageSource, decode_image
 from p4q_lightning.data.suite.catalog import SuiteDataset
 from p4q_lightning.data.suite.readers import SuiteLayoutError, read_items
@@ -49,6 +52,7 @@ class SuiteSource(ImageSource):
         self.class_ids = items.class_ids  # wnids of the ImageNet family, else None
         self.templates = [spec.template]
         self._items = items.splits
+        self._fingerprint: str | None = None
         log.info(
             "%s (%s): %d classes, splits %s",
             spec.name,
@@ -68,9 +72,12 @@ class SuiteSource(ImageSource):
         return self._split(split)[1]
 
     def keys(self, split: str) -> list[str]:
-        return self._split(split)[0]
+        paths = self._split(split)[0]
+        if isinstance(paths, PathChunks):
+            return paths.as_list()
+        return paths  # type: ignore[return-value]  # the reader's list (nobody mutates keys)
 
-    def _split(self, split: str) -> tuple[list[str], list[int]]:
+    def _split(self, split: str) -> tuple[Sequence[str], list[int]]:
         if split not in self._items:
             if split == "train" and self.test_only:
                 raise ValueError(test_only_message(self.spec))
@@ -78,17 +85,20 @@ class SuiteSource(ImageSource):
         return self._items[split]
 
     def load(self, split: str, index: int) -> Image.Image:
-        path = self.folder / self.keys(split)[index]
+        path = self.folder / self._split(split)[0][index]
         return decode_image(path, str(path))
 
     def describe(self, split: str, index: int) -> str:
-        return str(self.folder / self.keys(split)[index])
+        return str(self.folder / self._split(split)[0][index])
 
     def fingerprint(self) -> str:
-        split = "test" if self.test_only else "train"
-        paths, labels = self._items[split]
-        text = "\n".join(f"{p}\t{y}" for p, y in zip(paths, labels, strict=True))
-        return f"{len(paths)}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+        if self._fingerprint is None:
+            paths, labels = self._items["test" if self.test_only else "train"]
+            text = paths.digest() if isinstance(paths, PathChunks) else "\n".join(paths)
+            digest = hashlib.sha1(text.encode())
+            digest.update(array("q", labels).tobytes())
+            self._fingerprint = f"{len(paths)}-{digest.hexdigest()[:16]}"
+        return self._fingerprint
 
     @property
     def split_key(self) -> str:
