@@ -41,14 +41,14 @@ def make_tree(root: Path, classes: int, per_class: int, val_per_class: int = 5) 
     return classes * (per_class + val_per_class)
 
 
-def start(root: Path, cache: Path) -> tuple[float, int]:
+def start(root: Path, cache: Path, per_class: int) -> tuple[float, int]:
     """Seconds until the few-shot split is known; the number of train items."""
     begin = time.perf_counter()
     dm = FewShotDataModule("imagenet", root=str(root), shots=16, split_dir=str(cache))
     dm.prepare_data()
-    split = dm._load_split()
+    split = dm.run_split.load(write=True)
     seconds = time.perf_counter() - begin
-    assert len(split["train"]) == 16 * len(dm.source.classnames)
+    assert len(split["train"]) == min(16, per_class) * len(dm.source.classnames)
     return seconds, len(dm.source.labels("train"))
 
 
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         firsts, seconds = [], []
         for _ in range(args.rounds):
             shutil.rmtree(cache, ignore_errors=True)
-            first, n_train = start(root, cache)
-            second, n_again = start(root, cache)
+            first, n_train = start(root, cache, args.per_class)
+            second, n_again = start(root, cache, args.per_class)
             assert n_train == n_again == args.classes * args.per_class
             firsts.append(first)
             seconds.append(second)

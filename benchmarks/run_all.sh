@@ -19,3 +19,4 @@ run benchmarks/bench_int8.py --preset p4q-448
 echo; echo "## FBGEMM_ENABLE_INSTRUCTIONS=AVX2 benchmarks/bench_int8.py --preset w8a8"; echo
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 "$PY" benchmarks/bench_int8.py --preset w8a8
 run benchmarks/bench_calibration.py                     # ViT-B/32 calibration time, 1,280 images
+run benchmarks/bench_folder_index.py --rounds 5         # suite start: listed vs indexed folder

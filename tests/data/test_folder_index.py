@@ -67,3 +67,22 @@ def test_a_damaged_index_is_rebuilt(tmp_path, monkeypatch, damage):
     walked = count_walks(monkeypatch)
     assert listing.list_folder(tree, index_dir).files("a") == ["x.png", "y.png"]
     assert len(walked) == 1 and path.read_text() == text  # listed again, index rewritten
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_folder_index.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [sys.executable, str(script), "--classes", "20", "--per-class", "10", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ratio first / second" in out.stdout

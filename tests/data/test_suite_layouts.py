@@ -139,7 +139,7 @@ def test_base_and_new_halves_relabel_in_sorted_order(tmp_path, dm_factory, n_cla
         assert label_counts(dm.test_dataset) == {i: 3 + c for i, c in enumerate(kept)}
         # the same few-shot images as the run on all classes, only those of the kept classes
         full_train = {k for k in full.split["train"]}
-        assert set(dm._drawn("train")) <= full_train
+        assert set(dm.run_split.drawn("train")) <= full_train
         assert dm.split == full.split
     base = dm_factory("dtd", root=str(tmp_path), shots=2, subsample_classes="base")
     base.setup("test")

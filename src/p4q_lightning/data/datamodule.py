@@ -18,19 +18,13 @@ from p4q_lightning.args import as_group
 from p4q_lightning.data.cache import cache_dir
 from p4q_lightning.data.datasets import MemoryDataset, SourceDataset, collate_skip_none, decode_all
 from p4q_lightning.data.feature_serving import FeatureServing
-from p4q_lightning.data.fewshot import (
-    make_split,
-    read_split,
-    resolve_indices,
-    split_path,
-    write_split,
-)
+from p4q_lightning.data.fewshot import resolve_indices
 from p4q_lightning.data.hub import HubArgs
-from p4q_lightning.data.kinds import DatasetRequest, open_source
+from p4q_lightning.data.kinds import DatasetRequest
+from p4q_lightning.data.run_split import RunSplit
 from p4q_lightning.data.seeded import seeded_train_loader
 from p4q_lightning.data.sources import ImageSource, SyntheticArgs
-from p4q_lightning.data.subsample import SUBSAMPLES, ClassSubset, Subsample, subsample_labels
-from p4q_lightning.data.suite.source import test_only_message
+from p4q_lightning.data.subsample import SUBSAMPLES, Subsample
 from p4q_lightning.data.test_sets import EvalSet, extra_test_sets, own_test_set
 from p4q_lightning.data.transforms import eval_transform, train_transform
 from p4q_lightning.synthetic_name import SYNTHETIC, synthetic_world_seed
@@ -149,7 +143,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.save_hyperparameters(arguments)
         self.dataset = dataset
         self.shots, self.seed = shots, seed
-        world_seed = synthetic_world_seed(dataset, self.synthetic_args.world_seed)
+        world_seed = synthetic_world_seed(dataset, self.synthetic_args.world_seed)  # "x" fails now
         self.is_synthetic = world_seed is not None
         self.world_seed = self.synthetic_args.world_seed if world_seed is None else world_seed
         self.image_size = image_size or (32 if self.is_synthetic else 224)
@@ -166,11 +160,11 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
-        self.extra_test: list[tuple[EvalSet, Dataset]] = []
-        self.split: dict[str, Any] | None = None
+        self.extra_test: list[tuple[EvalSet, Dataset]] | None = None
         self.skipped: list[str] = []
-        self._full_source: ImageSource | None = None
-        self._source: ImageSource | None = None
+        self.run_split = RunSplit(
+            self.request(dataset, self.hub_args), shots, seed, subsample_classes, self._split_root()
+        )
 
     # ------------------------------------------------------------------ sources and splits
     def request(self, dataset: str, hub: HubArgs | None = None) -> DatasetRequest:
@@ -183,31 +177,36 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
             self._split_root() / "index",
         )
 
+    def _split_root(self) -> Path:
+        return Path(self.split_dir).expanduser() if self.split_dir else cache_dir() / "splits"
+
     @property
     def full_source(self) -> ImageSource:
         """The opened dataset with all its classes (opened once, on first use)."""
-        if self._full_source is None:
-            assert self.dataset is not None
-            self._full_source = open_source(self.request(self.dataset, self.hub_args))
-        return self._full_source
+        return self.run_split.full
 
     @property
     def source(self) -> ImageSource:
         """The dataset the run uses: all classes, or CoCoOp's base or new half."""
-        if self._source is None:
-            which = self.hparams.subsample_classes
-            full = self.full_source
-            if which == "all":
-                self._source = full
-            else:
-                if self.split is None:
-                    self.split = self._load_split()
-                train_labels = full.labels("train")
-                drawn = resolve_indices(full, "train", self.split["train"])
-                keep = subsample_labels([train_labels[i] for i in drawn], which)
-                self._source = ClassSubset(full, keep, which)
-            self._set_classes(self._source)
-        return self._source
+        if not self.classnames:
+            self._set_classes(self.run_split.source(write=_global_rank() == 0))
+        return self.run_split.source(write=False)
+
+    @property
+    def split(self) -> dict[str, Any] | None:
+        """The few-shot split (``train``/``val`` item keys), once loaded."""
+        run = self.run_split
+        return run.load(write=False) if run.loaded else None
+
+    @property
+    def split_file(self) -> Path:
+        """Path of the JSON split file for (dataset, shots, seed)."""
+        return self.run_split.path
+
+    @property
+    def test_only(self) -> bool:
+        """A dataset without training images (ImageNetV2, -Sketch, -A, -R)."""
+        return self.run_split.test_only
 
     def _set_classes(self, source: ImageSource) -> None:
         hp = self.hparams
@@ -229,64 +228,21 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
             raise ValueError(f"templates must contain exactly one '{{}}': {bad[:3]}")
         self.classnames, self.templates, self.num_classes = names, templates, len(names)
 
-    def _split_root(self):
-        return Path(self.split_dir).expanduser() if self.split_dir else cache_dir() / "splits"
-
-    @property
-    def split_file(self) -> Path:
-        """Path of the JSON split file for (dataset, shots, seed)."""
-        key = self.full_source.split_key
-        return split_path(self._split_root(), key, self.shots, self.seed)
-
-    @property
-    def test_only(self) -> bool:
-        """A dataset without training images (ImageNetV2, -Sketch, -A, -R)."""
-        return bool(getattr(self.full_source, "test_only", False))
-
     def prepare_data(self) -> None:
         """Download/prepare the dataset and write the split file once (local rank 0)."""
-        if self.test_only:
-            return  # nothing to draw; training on it is refused in setup
-        path = self.split_file
-        if not path.is_file():
-            write_split(path, make_split(self.full_source, self.shots, self.seed))
-            log.info("wrote few-shot split %s", path)
-
-    def _refuse_test_only(self) -> None:
-        raise ValueError(test_only_message(self.full_source.spec))  # type: ignore[attr-defined]
-
-    def _load_split(self) -> dict[str, Any]:
-        full = self.full_source
-        if getattr(full, "test_only", False):
-            self._refuse_test_only()
-        path = self.split_file
-        if path.is_file():
-            return read_split(path, full, self.shots, self.seed)
-        split = make_split(full, self.shots, self.seed)  # deterministic on every rank
-        if _global_rank() == 0:
-            write_split(path, split)
-        return split
-
-    def _drawn(self, name: str) -> list[Any]:
-        """The split's ``train``/``val`` keys the run's classes keep (all, base or new)."""
-        assert self.split is not None
-        keys = self.split[name]
-        if self.source is self.full_source:
-            return keys
-        split = "train" if name == "train" else self.split["val_from"]
-        kept = set(self.source.keys(split))
-        return [k for k in keys if k in kept]
+        self.run_split.write()
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage``: few-shot train (fit), few-shot val (fit/validate),
         the full evaluation split (test/predict); None builds all."""
-        source, hp = self.source, self.hparams
-        if self.test_only and stage in (None, "fit", "validate"):
-            self._refuse_test_only()
-        if self.split is None and not self.test_only:
-            self.split = self._load_split()
-        if not self.extra_test:  # checked at fit too: a wrong test set fails before training
+        run, hp = self.run_split, self.hparams
+        if run.test_only and stage in (None, "fit", "validate"):
+            run.refuse_test_only()
+        if not run.test_only:
+            run.load(write=_global_rank() == 0)
+        source = self.source
+        if self.extra_test is None:  # checked at fit too: a wrong test set fails before training
             self.extra_test = self._extra_test_sets()
         ev = eval_transform(self.image_size, self.mean, self.std, self.interpolation)
         if stage in (None, "fit") and self.train_dataset is None:
@@ -299,12 +255,12 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
                 hp.train_augment,
                 self.interpolation,
             )
-            self.train_dataset = self._few_shot_dataset("train", self._drawn("train"), tr)
+            self.train_dataset = self._few_shot_dataset("train", run.drawn("train"), tr)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            val_from = self.split["val_from"]
-            self.val_dataset = self._few_shot_dataset(val_from, self._drawn("val"), ev)
+            val_from = run.load(write=False)["val_from"]
+            self.val_dataset = self._few_shot_dataset(val_from, run.drawn("val"), ev)
         if stage in (None, "test", "predict") and self.test_dataset is None:
-            split, indices = self._test_items()
+            split, indices = run.test_items()
             if not indices:
                 raise ValueError(
                     f"{source.name} has no test split and the few-shot split (shots={hp.shots} "
@@ -327,27 +283,12 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.skipped.extend(skipped)
         return MemoryDataset(images, labels, transform)
 
-    def _test_items(self) -> tuple[str, list[int]]:
-        source = self.source
-        if "test" in source.splits():
-            return "test", list(range(len(source.labels("test"))))
-        assert self.split is not None
-        used = set(resolve_indices(source, "train", self._drawn("train")))
-        if self.split["val_from"] == "train":
-            used |= set(resolve_indices(source, "train", self._drawn("val")))
-        log.info(
-            "%s has no test split: testing on the %d train items outside the few-shot split",
-            source.name,
-            len(source.labels("train")) - len(used),
-        )
-        return "train", [i for i in range(len(source.labels("train"))) if i not in used]
-
     # ------------------------------------------------------------------ more test sets
     @property
     def test_sets(self) -> list[EvalSet]:
         """What ``test`` evaluates, in loader order: the run's own test split, then the
         ``new`` half (base-to-novel runs) and each of ``test_datasets``."""
-        return [own_test_set(self), *(t for t, _ in self.extra_test)]
+        return [own_test_set(self), *(t for t, _ in self.extra_test or [])]
 
     def _extra_test_sets(self) -> list[tuple[EvalSet, Dataset]]:
         hp = self.hparams
@@ -399,9 +340,9 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
     def calibration_dataloader(self, num_images: int | None = None) -> DataLoader:
         """``calib_images`` train-split images for PTQ calibration: seeded, eval transform,
         every other image flipped (labels included but not needed)."""
-        source, hp = self.source, self.hparams
         if self.test_only:
-            self._refuse_test_only()
+            self.run_split.refuse_test_only()
+        source, hp = self.source, self.hparams
         n_total = len(source.labels("train"))
         n = min(hp.calib_images if num_images is None else num_images, n_total)
         indices = sorted(random.Random(f"calib-{self.seed}").sample(range(n_total), n))
