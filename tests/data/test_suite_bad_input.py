@@ -99,3 +99,12 @@ def test_a_dg_set_whose_classes_are_not_training_classes_says_which(tmp_path, dm
     assert "imagenet_a is a domain-generalisation set of imagenet" in line
     assert "2 of its 2 classes are not training classes of oxford_pets" in line
     assert "'goldfish'" in line and "train on imagenet" in line
+
+
+def test_a_test_set_listed_twice_is_refused(tmp_path, dm_factory):
+    layouts.write_dataset(tmp_path, "oxford_pets")
+    layouts.write_dataset(tmp_path, "dtd")
+    dm = dm_factory("oxford_pets", root=str(tmp_path), test_datasets=["dtd", "DescribableTextures"])
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="test_datasets names dtd twice"):
+        dm.setup("fit")

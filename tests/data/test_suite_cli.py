@@ -62,8 +62,10 @@ def comparison(tmp_path: Path) -> list[dict]:
 
 
 def test_fit_then_test_writes_both_test_sets_into_the_comparison(tmp_path):
-    for name in ("oxford_pets", "dtd"):
-        layouts.write_dataset(tmp_path / "DATA", name)
+    layouts.write_dataset(tmp_path / "DATA", "oxford_pets")  # 3 classes
+    textures = ["banded", "blotchy", "braided", "bubbly"]  # 4: scored with pets' 3 would fail
+    counts = {"train": [2] * 4, "val": [1] * 4, "test": [3] * 4}
+    layouts.write_split_json(tmp_path / "DATA", "dtd", counts, textures)
     args = suite_args(
         tmp_path,
         "p4q",
@@ -84,7 +86,7 @@ def test_fit_then_test_writes_both_test_sets_into_the_comparison(tmp_path):
     by_set = {(r["test_set"], r["method"]): r for r in rows}
     methods = ("fp32 zero-shot", "ptq", "p4q")
     assert set(by_set) == {(s, m) for s in ("oxford_pets", "dtd") for m in methods}
-    assert {r["n_test"] for r in rows} == {9}  # 3 classes x 3 test images in both
+    assert {(r["test_set"], r["n_test"]) for r in rows} == {("oxford_pets", 9), ("dtd", 12)}
     logged = test.trainer.callback_metrics
     # the module's test loop and the comparison score each set alike (own classes, template)
     assert float(logged["test/top1"]) == pytest.approx(by_set[("oxford_pets", "p4q")]["top1"])

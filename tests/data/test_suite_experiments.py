@@ -63,3 +63,15 @@ def test_a_suite_run_without_a_dataset_names_the_option(tmp_path, monkeypatch, c
     assert cli.main(["test", *args, "--model.pretrained=null"]) == 1
     assert "data.init_args.dataset is not set" in capsys.readouterr().err
     assert not list(tmp_path.rglob("config*.yaml"))  # nothing written
+
+
+def test_a_base_to_novel_run_gets_its_own_run_directory():
+    from p4q_lightning import rundir
+
+    def identity(**data):
+        init = {"dataset": "oxford_pets", "shots": 16, **data}
+        return rundir.identity({"model": {"model_name": "ViT-B-16"}, "data": {"init_args": init}})
+
+    assert identity().dataset == "oxford_pets"
+    assert identity(subsample_classes="all").dataset == "oxford_pets"
+    assert identity(subsample_classes="base").dataset == "oxford_pets-base"

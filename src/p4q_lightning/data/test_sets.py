@@ -73,6 +73,13 @@ def _display_name(dataset: str) -> str:
     return spec.name if spec else dataset
 
 
+def _set_name(entry: str) -> str:
+    """A metric-safe name of a ``test_datasets`` entry: the suite name, else the last part of
+    the id or path (``uoft-cs/cifar10`` -> ``cifar10``)."""
+    spec = suite_dataset(entry)
+    return spec.name if spec else entry.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def extra_test_sets(
     dm: RunData, subsample: str, entries: Sequence[str]
 ) -> list[tuple[EvalSet, ImageSource]]:
@@ -82,9 +89,16 @@ def extra_test_sets(
     if subsample == "base":
         new = _new_half(dm)
         out.append((EvalSet("new", tuple(new.classnames), tuple(new.templates), None, True), new))
-    for entry in entries:
+    names = [_set_name(e) for e in entries]
+    taken = {own_test_set(dm).name, *(t.name for t, _ in out)}
+    twice = sorted({n for n in names if names.count(n) > 1 or n in taken})
+    if twice:
+        raise ValueError(
+            f"test_datasets names {', '.join(twice)} twice (or as the run's own test set); "
+            "list each test set once"
+        )
+    for entry, name in zip(entries, names, strict=True):
         source = open_source(dm.request(entry))
-        name = _display_name(entry)
         if "test" not in source.splits():
             raise ValueError(
                 f"test_datasets entry {entry!r}: {source.name} has no test split to evaluate"
