@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -75,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     clf = P4QClassifier.build(
-        args.model, None, method="p4q", quant=args.preset,
+        args.model,
+        None,
+        method="p4q",
+        quant=args.preset,
         quant_overrides={grp: {"a_observer": "minmax"} for grp in ALL_GROUPS},
         prompt=PromptArgs(n_ctx=4),
     )
@@ -87,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     out.mkdir(parents=True, exist_ok=True)
-    q_path, f_path, lowbit = out / "model.onnx", out / "model-float.onnx", out / "model-lowbit.safetensors"
+    q_path, f_path, lowbit = (
+        out / "model.onnx",
+        out / "model-float.onnx",
+        out / "model-lowbit.safetensors",
+    )
     report = export_onnx(clf, q_path)
     with torch.no_grad():
         text = clf.student_text_features().float()
@@ -124,24 +130,35 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     q_ms = med["onnxruntime, integer graph"]
-    sizes = {"integer graph": q_path.stat().st_size, "float graph": f_path.stat().st_size,
-             "low-bit safetensors": lowbit.stat().st_size}
+    sizes = {
+        "integer graph": q_path.stat().st_size,
+        "float graph": f_path.stat().st_size,
+        "low-bit safetensors": lowbit.stat().st_size,
+    }
 
     w = sys.stdout.write
-    w(f"\n{args.model} (random weights), preset {args.preset}, P4Q classifier ({args.classes} "
-      f"classes, adapter), batch {args.batch}, {args.threads} threads, onnxruntime "
-      f"{ort.__version__}, opset 21\n\n")
+    w(
+        f"\n{args.model} (random weights), preset {args.preset}, P4Q classifier ({args.classes} "
+        f"classes, adapter), batch {args.batch}, {args.threads} threads, onnxruntime "
+        f"{ort.__version__}, opset 21\n\n"
+    )
     w("| path | ms / batch | images / s | integer graph is faster by |\n|---|---:|---:|---:|\n")
     for name in runs:
-        w(f"| {name} | {med[name] * 1e3:.1f} | {args.batch / med[name]:.1f} | "
-          f"{med[name] / q_ms:.2f}x |\n")
+        w(
+            f"| {name} | {med[name] * 1e3:.1f} | {args.batch / med[name]:.1f} | "
+            f"{med[name] / q_ms:.2f}x |\n"
+        )
     w("\n| file | MB | vs float graph |\n|---|---:|---:|\n")
     for name, n in sizes.items():
         w(f"| {name} | {n / 1e6:.2f} | {n / sizes['float graph']:.3f}x |\n")
-    w(f"\nweights in the integer graph: {report.int8_weights} INT8, {report.int4_weights} INT4, "
-      f"{report.float_weights} float\n")
-    w(f"top-1 agreement ONNX vs fake-quant student: {agree / len(images):.2%} "
-      f"({agree}/{len(images)}), min logits cosine {min(cos):.6f}\n")
+    w(
+        f"\nweights in the integer graph: {report.int8_weights} INT8, {report.int4_weights} INT4, "
+        f"{report.float_weights} float\n"
+    )
+    w(
+        f"top-1 agreement ONNX vs fake-quant student: {agree / len(images):.2%} "
+        f"({agree}/{len(images)}), min logits cosine {min(cos):.6f}\n"
+    )
     w(f"onnxruntime's optimized integer graph: {op_types(out / 'model.optimized.onnx')}\n")
     return 0
 

@@ -53,7 +53,9 @@ class GraphBuilder:
         count = self._used[hint]
         return hint if count == 1 else f"{hint}_{count - 1}"
 
-    def const(self, hint: str, value: torch.Tensor | np.ndarray | float | int, dtype: Any = None) -> str:
+    def const(
+        self, hint: str, value: torch.Tensor | np.ndarray | float | int, dtype: Any = None
+    ) -> str:
         """An initializer holding ``value``; small constants of equal value are shared."""
         array = as_numpy(value, dtype)
         key = (str(array.dtype) + str(array.shape), array.tobytes())
@@ -86,7 +88,12 @@ class GraphBuilder:
         return self.op_multi(op_type, inputs, 1, hint, **attrs)[0]
 
     def op_multi(
-        self, op_type: str, inputs: Sequence[str], outputs: int, hint: str | None = None, **attrs: Any
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        outputs: int,
+        hint: str | None = None,
+        **attrs: Any,
     ) -> list[str]:
         """Append one node with ``outputs`` outputs; returns their names."""
         base = hint or op_type.lower()
@@ -97,7 +104,9 @@ class GraphBuilder:
 
     def identity(self, source: str, name: str) -> str:
         """Give ``source`` the graph-output name ``name``."""
-        self.nodes.append(helper.make_node("Identity", [source], [name], name=self.name(f"out:{name}")))
+        self.nodes.append(
+            helper.make_node("Identity", [source], [name], name=self.name(f"out:{name}"))
+        )
         return name
 
     def model(
@@ -108,7 +117,9 @@ class GraphBuilder:
         metadata: dict[str, str],
         doc: str = "",
     ) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, list(inputs), list(outputs), self.initializers)
+        graph = helper.make_graph(
+            self.nodes, graph_name, list(inputs), list(outputs), self.initializers
+        )
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", OPSET)],

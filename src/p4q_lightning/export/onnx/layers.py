@@ -49,8 +49,12 @@ class LayerWriter:
         self.g = graph
         self.quantized = quantized
         #: what was written, for the metadata and the tests: integer / float GEMM counts
-        self.counts = {"int_weights": 0, "float_weights": 0, "qdq_activations": 0,
-                       "per_channel_activations": 0}
+        self.counts = {
+            "int_weights": 0,
+            "float_weights": 0,
+            "qdq_activations": 0,
+            "per_channel_activations": 0,
+        }
 
     # ------------------------------------------------------------------ quantizers
     def activation(self, x: str, q: nn.Module | None, hint: str) -> str:
@@ -82,8 +86,15 @@ class LayerWriter:
         xq = self.g.op("QuantizeLinear", [x, s, z], f"{hint}.q")
         return self.g.op("DequantizeLinear", [xq, s, z], f"{hint}.dq")
 
-    def _per_channel(self, x: str, q: ActivationQuantizer, scale: torch.Tensor,
-                     zero: torch.Tensor, qmax: int, hint: str) -> str:
+    def _per_channel(
+        self,
+        x: str,
+        q: ActivationQuantizer,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        qmax: int,
+        hint: str,
+    ) -> str:
         """Per-channel fake quantization as its own arithmetic, ``clamp(round(x / s), -z,
         qmax - z) * s`` with per-channel constants: exact, in float kernels.
 
@@ -100,8 +111,11 @@ class LayerWriter:
         else:
             raise UnsupportedForOnnx(f"{hint}: per-channel axis {axis} is not supported")
         g = self.g
-        codes = g.op("Round", [g.op("Mul", [x, g.const(f"{hint}.inv_scale", (1 / scale).reshape(shape))])],
-                     f"{hint}.round")
+        codes = g.op(
+            "Round",
+            [g.op("Mul", [x, g.const(f"{hint}.inv_scale", (1 / scale).reshape(shape))])],
+            f"{hint}.round",
+        )
         lo = g.const(f"{hint}.lo", (0 - zero).float().reshape(shape))
         hi = g.const(f"{hint}.hi", (qmax - zero).float().reshape(shape))
         codes = g.op("Min", [g.op("Max", [codes, lo]), hi], f"{hint}.codes")
@@ -110,14 +124,18 @@ class LayerWriter:
     def _log2(self, x: str, bits: int, hint: str) -> str:
         """Log2 quantizer of probabilities: 2^-round(-log2 p), 0 below the smallest level."""
         g = self.g
-        code = g.op("Round", [g.op("Mul", [g.op("Log", [x]), g.const("neg_inv_ln2", -1 / math.log(2))])],
-                    f"{hint}.code")
+        code = g.op(
+            "Round",
+            [g.op("Mul", [g.op("Log", [x]), g.const("neg_inv_ln2", -1 / math.log(2))])],
+            f"{hint}.code",
+        )
         keep = g.op("Less", [code, g.const(f"{hint}.levels", float(2**bits - 1))])
         level = g.op("Pow", [g.const("two", 2.0), g.op("Neg", [code])])
         return g.op("Where", [keep, level, g.const("zero", 0.0)], f"{hint}.log2")
 
-    def weight_codes(self, weight: torch.Tensor, wq: WeightQuantizer, frozen: bool, hint: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_codes(
+        self, weight: torch.Tensor, wq: WeightQuantizer, frozen: bool, hint: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes, per-channel scale) of the weight the fake-quant layer multiplies with."""
         w = weight.detach().float().cpu()
         shape = (-1,) + (1,) * (w.dim() - 1)
@@ -139,8 +157,14 @@ class LayerWriter:
                 )
         return codes.to(torch.int8), scale
 
-    def matrix(self, weight: torch.Tensor, wq: WeightQuantizer | None, frozen: bool, hint: str,
-               integer_input: bool = True) -> str:
+    def matrix(
+        self,
+        weight: torch.Tensor,
+        wq: WeightQuantizer | None,
+        frozen: bool,
+        hint: str,
+        integer_input: bool = True,
+    ) -> str:
         """The ``[in, out]`` right operand of ``x @ W^T``: float, or the integer codes dequantized.
 
         With a quantized input it is ``DequantizeLinear`` (per output channel), which onnxruntime
@@ -157,10 +181,16 @@ class LayerWriter:
         self.counts["int_weights"] += 1
         stored = self.g.int_codes(hint, codes.t().contiguous(), wq.bits)
         if integer_input:
-            return self.g.op("DequantizeLinear", [stored, self.g.const(f"{hint}.scale", scale)],
-                             f"{hint}.dq", axis=1)
+            return self.g.op(
+                "DequantizeLinear",
+                [stored, self.g.const(f"{hint}.scale", scale)],
+                f"{hint}.dq",
+                axis=1,
+            )
         as_float = self.g.op("Cast", [stored], f"{hint}.float", to=1)
-        return self.g.op("Mul", [as_float, self.g.const(f"{hint}.scale", scale)], f"{hint}.dequantized")
+        return self.g.op(
+            "Mul", [as_float, self.g.const(f"{hint}.scale", scale)], f"{hint}.dequantized"
+        )
 
     # ------------------------------------------------------------------ layers
     def linear(self, x: str, layer: nn.Module, hint: str) -> str:
@@ -168,8 +198,13 @@ class LayerWriter:
         if isinstance(layer, QuantLinear):
             x = self.activation(x, layer.input_quantizer, f"{hint}.input")
             integer_input = self.quantized and layer.input_quantizer.enabled
-            w = self.matrix(layer.weight, layer.weight_quantizer, _frozen(layer), f"{hint}.weight",
-                            integer_input and not layer.input_quantizer.per_channel)
+            w = self.matrix(
+                layer.weight,
+                layer.weight_quantizer,
+                _frozen(layer),
+                f"{hint}.weight",
+                integer_input and not layer.input_quantizer.per_channel,
+            )
         elif isinstance(layer, nn.Linear):
             w = self.matrix(layer.weight, None, True, f"{hint}.weight")
         else:
@@ -182,10 +217,16 @@ class LayerWriter:
             y = self.g.op("Add", [y, self.g.const(f"{hint}.bias", layer.bias)], hint)
         return y
 
-    def linear_weights(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, hint: str) -> str:
+    def linear_weights(
+        self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, hint: str
+    ) -> str:
         """A float ``x @ weight^T + bias`` from bare parameters (float attention's in_proj)."""
-        y = self.g.op("MatMul", [x, self.matrix(weight, None, True, f"{hint}.weight")], f"{hint}.matmul")
-        return y if bias is None else self.g.op("Add", [y, self.g.const(f"{hint}.bias", bias)], hint)
+        y = self.g.op(
+            "MatMul", [x, self.matrix(weight, None, True, f"{hint}.weight")], f"{hint}.matmul"
+        )
+        return (
+            y if bias is None else self.g.op("Add", [y, self.g.const(f"{hint}.bias", bias)], hint)
+        )
 
     def patch_embed(self, x: str, conv: nn.Module, size: tuple[int, int], hint: str) -> str:
         """The patch embedding of images [B, 3, H, W] -> tokens [B, patches, width].
@@ -202,9 +243,15 @@ class LayerWriter:
         else:
             raise UnsupportedForOnnx(f"{hint}: patch embedding {type(conv).__name__} unsupported")
         out_ch, in_ch, kh, kw = conv.weight.shape
-        plain = (tuple(conv.stride) == (kh, kw) and tuple(conv.dilation) == (1, 1)
-                 and conv.groups == 1 and not isinstance(conv.padding, str)
-                 and tuple(conv.padding) == (0, 0) and size[0] % kh == 0 and size[1] % kw == 0)
+        plain = (
+            tuple(conv.stride) == (kh, kw)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+            and not isinstance(conv.padding, str)
+            and tuple(conv.padding) == (0, 0)
+            and size[0] % kh == 0
+            and size[1] % kw == 0
+        )
         if not plain:
             raise UnsupportedForOnnx(
                 f"{hint}: only non-overlapping patch convolutions (stride = kernel, no padding) "
@@ -214,10 +261,15 @@ class LayerWriter:
         gh, gw = size[0] // kh, size[1] // kw
         patches = g.op("Reshape", [x, g.ints(f"{hint}.grid", [0, in_ch, gh, kh, gw, kw])])
         patches = g.op("Transpose", [patches], perm=[0, 2, 4, 1, 3, 5])  # [B, gh, gw, C, kh, kw]
-        patches = g.op("Reshape", [patches, g.ints(f"{hint}.flat", [0, gh * gw, in_ch * kh * kw])],
-                       f"{hint}.patches")
+        patches = g.op(
+            "Reshape",
+            [patches, g.ints(f"{hint}.flat", [0, gh * gw, in_ch * kh * kw])],
+            f"{hint}.patches",
+        )
         integer_input = act is not None and self.quantized and act.enabled and not act.per_channel
-        w = self.matrix(conv.weight.reshape(out_ch, -1), wq, frozen, f"{hint}.weight", integer_input)
+        w = self.matrix(
+            conv.weight.reshape(out_ch, -1), wq, frozen, f"{hint}.weight", integer_input
+        )
         y = g.op("MatMul", [patches, w], f"{hint}.matmul")
         if conv.bias is not None:
             y = g.op("Add", [y, g.const(f"{hint}.bias", conv.bias)], hint)
@@ -231,8 +283,13 @@ class LayerWriter:
             self.counts["int_weights"] += 1
             stored = self.g.int_codes(f"{hint}.weight", codes, wq.bits)
             rows = self.g.op("Cast", [self.g.op("Gather", [stored, ids])], to=1)
-            row_scale = self.g.op("Unsqueeze", [self.g.op("Gather", [self.g.const(f"{hint}.scale", scale), ids]),
-                                                self.g.ints("axis_last", [-1])])
+            row_scale = self.g.op(
+                "Unsqueeze",
+                [
+                    self.g.op("Gather", [self.g.const(f"{hint}.scale", scale), ids]),
+                    self.g.ints("axis_last", [-1]),
+                ],
+            )
             return self.g.op("Mul", [rows, row_scale], hint)
         if isinstance(table, (nn.Embedding, QuantEmbedding)):
             self.counts["float_weights"] += 1
@@ -256,7 +313,16 @@ class LayerWriter:
         if isinstance(act, nn.GELU):
             return self.g.op("Gelu", [x], hint, approximate=act.approximate)
         if type(act).__name__ == "QuickGELU":
-            return self.g.op("Mul", [x, self.g.op("Sigmoid", [self.g.op("Mul", [x, self.g.const("quick_gelu", 1.702)])])], hint)
+            return self.g.op(
+                "Mul",
+                [
+                    x,
+                    self.g.op(
+                        "Sigmoid", [self.g.op("Mul", [x, self.g.const("quick_gelu", 1.702)])]
+                    ),
+                ],
+                hint,
+            )
         if isinstance(act, nn.ReLU):
             return self.g.op("Relu", [x], hint)
         if isinstance(act, nn.Identity):
@@ -272,7 +338,7 @@ class LayerWriter:
         return self.g.op("Mul", [x, self.g.const(f"{hint}.gamma", gamma)], hint)
 
     def attention(self, x: str, attn: nn.Module, mask: str | None, hint: str) -> str:
-        """Self-attention of batch-first ``x`` [B, L, E] (quantized or ``nn.MultiheadAttention``)."""
+        """Self-attention of batch-first ``x`` [B, L, E] (quantized or float attention)."""
         g = self.g
         quantized_attn = isinstance(attn, QuantMultiheadAttention)
         if quantized_attn:
@@ -306,26 +372,39 @@ class LayerWriter:
         if internals:
             probs = self.activation(probs, attn.probs_quantizer, f"{hint}.probs_quant")
         out = g.op("MatMul", [probs, v], f"{hint}.context")
-        out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.ints("merge_heads", [0, 0, -1])])
+        out = g.op(
+            "Reshape",
+            [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.ints("merge_heads", [0, 0, -1])],
+        )
         return self.linear(out, attn.out_proj, f"{hint}.out_proj")
 
     def block(self, x: str, block: nn.Module, mask: str | None, hint: str) -> str:
         """open_clip's ``ResidualAttentionBlock``: pre-norm attention and MLP with residuals."""
         for part in ("ln_1", "attn", "ln_2", "mlp"):
             if not hasattr(block, part):
-                raise UnsupportedForOnnx(f"{hint}: {type(block).__name__} is not a ResidualAttentionBlock")
+                raise UnsupportedForOnnx(
+                    f"{hint}: {type(block).__name__} is not a ResidualAttentionBlock"
+                )
         if hasattr(block, "ln_1_kv"):
             raise UnsupportedForOnnx(f"{hint}: cross-attention blocks are not supported")
-        h = self.attention(self.layer_norm(x, block.ln_1, f"{hint}.ln_1"), block.attn, mask, f"{hint}.attn")
-        x = self.g.op("Add", [x, self.layer_scale(h, getattr(block, "ls_1", nn.Identity()), f"{hint}.ls_1")],
-                      f"{hint}.res1")
+        h = self.attention(
+            self.layer_norm(x, block.ln_1, f"{hint}.ln_1"), block.attn, mask, f"{hint}.attn"
+        )
+        x = self.g.op(
+            "Add",
+            [x, self.layer_scale(h, getattr(block, "ls_1", nn.Identity()), f"{hint}.ls_1")],
+            f"{hint}.res1",
+        )
         mlp = block.mlp
         h = self.layer_norm(x, block.ln_2, f"{hint}.ln_2")
         h = self.linear(h, mlp.c_fc, f"{hint}.mlp.c_fc")
         h = self.activation_fn(h, mlp.gelu, f"{hint}.mlp.gelu")
         h = self.linear(h, mlp.c_proj, f"{hint}.mlp.c_proj")
-        return self.g.op("Add", [x, self.layer_scale(h, getattr(block, "ls_2", nn.Identity()), f"{hint}.ls_2")],
-                         f"{hint}.res2")
+        return self.g.op(
+            "Add",
+            [x, self.layer_scale(h, getattr(block, "ls_2", nn.Identity()), f"{hint}.ls_2")],
+            f"{hint}.res2",
+        )
 
     def transformer(self, x: str, transformer: nn.Module, mask: str | None, hint: str) -> str:
         for i, block in enumerate(transformer.resblocks):
@@ -334,7 +413,9 @@ class LayerWriter:
 
     def normalize(self, x: str, hint: str) -> str:
         """``F.normalize(x, dim=-1)``: x / max(||x||, 1e-12)."""
-        norm = self.g.op("ReduceL2", [x, self.g.ints("axis_last", [-1])], f"{hint}.norm", keepdims=1)
+        norm = self.g.op(
+            "ReduceL2", [x, self.g.ints("axis_last", [-1])], f"{hint}.norm", keepdims=1
+        )
         norm = self.g.op("Max", [norm, self.g.const("norm_eps", 1e-12)])
         return self.g.op("Div", [x, norm], hint)
 

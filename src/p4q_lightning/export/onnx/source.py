@@ -66,7 +66,9 @@ def from_classifier(model: P4QClassifier) -> ExportSource:
     elif learner.class_specific:
         refusal = "the context is class-specific (one per training class)"
     elif learner.class_token_position != "end":
-        refusal = f"the class name sits at the {learner.class_token_position} of the prompt, not the end"
+        refusal = (
+            f"the class name sits at the {learner.class_token_position} of the prompt, not the end"
+        )
     if learner is not None:
         ctx = learner.ctx.detach().float()
     return ExportSource(

@@ -26,7 +26,9 @@ def _check_vision(visual: nn.Module) -> None:
 
 def image_size(visual: nn.Module) -> tuple[int, int]:
     size = visual.image_size
-    return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return (
+        (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    )
 
 
 def write_image_tower(w: LayerWriter, visual: nn.Module, images: str) -> str:
@@ -36,21 +38,36 @@ def write_image_tower(w: LayerWriter, visual: nn.Module, images: str) -> str:
     g = w.g
     x = w.patch_embed(images, visual.conv1, image_size(visual), "visual.conv1")  # [B, L, width]
     width = int(visual.class_embedding.shape[-1])
-    batch = g.op("Slice", [g.op("Shape", [images]), g.ints("zero1", [0]), g.ints("one1", [1])], "batch")
+    batch = g.op(
+        "Slice", [g.op("Shape", [images]), g.ints("zero1", [0]), g.ints("one1", [1])], "batch"
+    )
     cls_shape = g.op("Concat", [batch, g.ints(f"one_{width}", [1, width])], axis=0)
-    cls = g.op("Expand", [g.const("visual.class_embedding", visual.class_embedding.reshape(1, 1, width)),
-                          cls_shape], "visual.cls")
+    cls = g.op(
+        "Expand",
+        [g.const("visual.class_embedding", visual.class_embedding.reshape(1, 1, width)), cls_shape],
+        "visual.cls",
+    )
     x = g.op("Concat", [cls, x], "visual.with_cls", axis=1)
-    x = g.op("Add", [x, g.const("visual.positional_embedding", visual.positional_embedding)], "visual.embed")
+    x = g.op(
+        "Add",
+        [x, g.const("visual.positional_embedding", visual.positional_embedding)],
+        "visual.embed",
+    )
     x = w.layer_norm(x, visual.ln_pre, "visual.ln_pre")
     x = w.transformer(x, visual.transformer, None, "visual.transformer")
 
     def pool(t: str) -> str:
         if visual.pool_type == "avg":
-            rest = g.op("Slice", [t, g.ints("one1", [1]), g.ints("int_max", [2**62]), g.ints("one1", [1])])
+            rest = g.op(
+                "Slice", [t, g.ints("one1", [1]), g.ints("int_max", [2**62]), g.ints("one1", [1])]
+            )
             return g.op("ReduceMean", [rest, g.ints("one1", [1])], "visual.pooled", keepdims=0)
-        return g.op("Gather", [t, g.const("index0", torch.tensor(0, dtype=torch.int64))], "visual.pooled",
-                    axis=1)
+        return g.op(
+            "Gather",
+            [t, g.const("index0", torch.tensor(0, dtype=torch.int64))],
+            "visual.pooled",
+            axis=1,
+        )
 
     if getattr(visual, "final_ln_after_pool", False):
         pooled = w.layer_norm(pool(x), visual.ln_post, "visual.ln_post")
@@ -67,7 +84,9 @@ def write_adapter(w: LayerWriter, adapter: nn.Module | None, features: str) -> s
         return features
     for part in ("fc1", "fc2", "act", "ratio"):
         if not hasattr(adapter, part):
-            raise UnsupportedForOnnx(f"adapter {type(adapter).__name__} has no ONNX form (LowBitAdapter only)")
+            raise UnsupportedForOnnx(
+                f"adapter {type(adapter).__name__} has no ONNX form (LowBitAdapter only)"
+            )
     g = w.g
     h = w.linear(features, adapter.fc1, "adapter.fc1")
     h = w.activation_fn(h, adapter.act, "adapter.act")
@@ -79,8 +98,11 @@ def write_adapter(w: LayerWriter, adapter: nn.Module | None, features: str) -> s
 
 
 def write_image_graph(
-    w: LayerWriter, visual: nn.Module, adapter: nn.Module | None,
-    text_features: torch.Tensor, logit_scale: float,
+    w: LayerWriter,
+    visual: nn.Module,
+    adapter: nn.Module | None,
+    text_features: torch.Tensor,
+    logit_scale: float,
 ) -> tuple[list, list]:
     """images [B, 3, H, W] -> logits [B, C] and normalised image features [B, D]."""
     g = w.g
@@ -127,14 +149,30 @@ def write_text_graph(
     n_ctx = ctx.shape[0]
     ids = TOKENS
     first = g.op("Slice", [ids, g.ints("zero1", [0]), g.ints("one1", [1]), g.ints("one1", [1])])
-    rest = g.op("Slice", [ids, g.ints("one1", [1]), g.ints("rest_end", [length - n_ctx]), g.ints("one1", [1])])
-    batch = g.op("Slice", [g.op("Shape", [ids]), g.ints("zero1", [0]), g.ints("one1", [1])], "text.batch")
+    rest = g.op(
+        "Slice",
+        [ids, g.ints("one1", [1]), g.ints("rest_end", [length - n_ctx]), g.ints("one1", [1])],
+    )
+    batch = g.op(
+        "Slice", [g.op("Shape", [ids]), g.ints("zero1", [0]), g.ints("one1", [1])], "text.batch"
+    )
     ctx_shape = g.op("Concat", [batch, g.ints("ctx_shape", [n_ctx, width])], axis=0)
-    context = g.op("Expand", [g.const("text.context", ctx.unsqueeze(0)), ctx_shape], "text.context_b")
-    x = g.op("Concat", [w.embedding_gather(first, root.token_embedding, "text.token_embedding"), context,
-                        w.embedding_gather(rest, root.token_embedding, "text.token_embedding_rest")],
-             "text.prompt", axis=1)
-    x = g.op("Add", [x, g.const("text.positional_embedding", root.positional_embedding)], "text.embed")
+    context = g.op(
+        "Expand", [g.const("text.context", ctx.unsqueeze(0)), ctx_shape], "text.context_b"
+    )
+    x = g.op(
+        "Concat",
+        [
+            w.embedding_gather(first, root.token_embedding, "text.token_embedding"),
+            context,
+            w.embedding_gather(rest, root.token_embedding, "text.token_embedding_rest"),
+        ],
+        "text.prompt",
+        axis=1,
+    )
+    x = g.op(
+        "Add", [x, g.const("text.positional_embedding", root.positional_embedding)], "text.embed"
+    )
     mask = None
     if getattr(root, "attn_mask", None) is not None:
         mask = g.const("text.attn_mask", root.attn_mask[:length, :length])
@@ -143,21 +181,43 @@ def write_text_graph(
     if pool_type == "argmax":
         eot = g.op("ArgMax", [ids], "text.eot", axis=-1, keepdims=1)
     else:
-        is_eos = g.op("Cast", [g.op("Equal", [ids, g.const("eos_id", torch.tensor(eos_id))])], to=TensorProto.INT32)
+        is_eos = g.op(
+            "Cast",
+            [g.op("Equal", [ids, g.const("eos_id", torch.tensor(eos_id))])],
+            to=TensorProto.INT32,
+        )
         eot = g.op("ArgMax", [is_eos], "text.eot", axis=-1, keepdims=1)
-    eot = g.op("Min", [g.op("Add", [eot, g.const("n_ctx", torch.tensor(n_ctx))]),
-                       g.const("last_position", torch.tensor(length - 1))], "text.eot_spliced")
-    index = g.op("Expand", [g.op("Unsqueeze", [eot, g.ints("axis_last", [-1])]),
-                            g.op("Concat", [batch, g.ints(f"one_{width}", [1, width])], axis=0)])
-    pooled = g.op("Squeeze", [g.op("GatherElements", [x, index], axis=1), g.ints("one1", [1])], "text.pooled")
+    eot = g.op(
+        "Min",
+        [
+            g.op("Add", [eot, g.const("n_ctx", torch.tensor(n_ctx))]),
+            g.const("last_position", torch.tensor(length - 1)),
+        ],
+        "text.eot_spliced",
+    )
+    index = g.op(
+        "Expand",
+        [
+            g.op("Unsqueeze", [eot, g.ints("axis_last", [-1])]),
+            g.op("Concat", [batch, g.ints(f"one_{width}", [1, width])], axis=0),
+        ],
+    )
+    pooled = g.op(
+        "Squeeze", [g.op("GatherElements", [x, index], axis=1), g.ints("one1", [1])], "text.pooled"
+    )
     proj = root.text_projection
     if isinstance(proj, nn.Linear):
         pooled = w.linear(pooled, proj, "text.text_projection")
     elif proj is not None:
         pooled = g.op("MatMul", [pooled, g.const("text.text_projection", proj)], "text.projected")
     g.identity(w.normalize(pooled, "text.normalized"), CLASS_EMBEDDINGS)
-    embed = int(proj.shape[-1]) if isinstance(proj, torch.Tensor) else (
-        proj.out_features if isinstance(proj, nn.Linear) else width)
+    embed = (
+        int(proj.shape[-1])
+        if isinstance(proj, torch.Tensor)
+        else (proj.out_features if isinstance(proj, nn.Linear) else width)
+    )
     inputs = [helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["classes", length])]
-    outputs = [helper.make_tensor_value_info(CLASS_EMBEDDINGS, TensorProto.FLOAT, ["classes", embed])]
+    outputs = [
+        helper.make_tensor_value_info(CLASS_EMBEDDINGS, TensorProto.FLOAT, ["classes", embed])
+    ]
     return inputs, outputs

@@ -55,7 +55,9 @@ class OnnxExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def preprocessing_of(source: ExportSource, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def preprocessing_of(
+    source: ExportSource, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Size, mean, std and interpolation the images must be preprocessed with."""
     from p4q_lightning.data.transforms import model_preprocess
 
@@ -75,8 +77,10 @@ def preprocessing_of(source: ExportSource, overrides: Mapping[str, Any] | None =
 
 
 def _bits_of(spec_groups: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: {"w_bits": g.w_bits, "a_bits": g.a_bits, "a_per_channel": g.a_per_channel}
-            for name, g in spec_groups.items()}
+    return {
+        name: {"w_bits": g.w_bits, "a_bits": g.a_bits, "a_per_channel": g.a_per_channel}
+        for name, g in spec_groups.items()
+    }
 
 
 def _weight_storage(writer: LayerWriter, graph: GraphBuilder) -> tuple[int, int]:
@@ -113,19 +117,25 @@ def build_image_model(
         "preprocessing": json.dumps(preprocessing or preprocessing_of(source)),
         "quant_spec": json.dumps(spec.to_dict() if quantized else {"name": "fp"}),
         "quant_bits": json.dumps(_bits_of(spec.groups) if quantized else {}),
-        "weights": json.dumps({
-            "int8": int8, "int4": int4, "float": writer.counts["float_weights"],
-            "storage": "signed per-output-channel codes (INT4 for <= 4 bits, else INT8) "
-                       "-> DequantizeLinear; activations QuantizeLinear/DequantizeLinear uint8",
-        }),
+        "weights": json.dumps(
+            {
+                "int8": int8,
+                "int4": int4,
+                "float": writer.counts["float_weights"],
+                "storage": "signed per-output-channel codes (INT4 for <= 4 bits, else INT8) "
+                "-> DequantizeLinear; activations QuantizeLinear/DequantizeLinear uint8",
+            }
+        ),
         "logit_scale": repr(float(source.logit_scale)),
-        "model": json.dumps({"name": source.model_name, "pretrained": source.pretrained,
-                             "method": source.method}),
+        "model": json.dumps(
+            {"name": source.model_name, "pretrained": source.pretrained, "method": source.method}
+        ),
         "outputs": "logits [N, C] = logit_scale * image_features @ normalize(class matrix)^T; "
-                   "image_features [N, D] normalised",
+        "image_features [N, D] normalised",
         "notes": json.dumps(notes),
     }
-    doc = f"P4Q {source.method} {spec.name if quantized else 'float'} classifier of {source.model_name}"
+    bits = spec.name if quantized else "float"
+    doc = f"P4Q {source.method} {bits} classifier of {source.model_name}"
     return graph.model("p4q_image_classifier", inputs, outputs, metadata, doc), writer
 
 
@@ -158,10 +168,11 @@ def build_text_model(source: ExportSource, quantized: bool = True) -> onnx.Model
         "text_input": json.dumps(text_input_of(source)),
         "quant_spec": json.dumps(source.spec.to_dict()),
         "logit_scale": repr(float(source.logit_scale)),
-        "model": json.dumps({"name": source.model_name, "pretrained": source.pretrained,
-                             "method": source.method}),
+        "model": json.dumps(
+            {"name": source.model_name, "pretrained": source.pretrained, "method": source.method}
+        ),
         "outputs": "class_embeddings [M, D] normalised; logits = logit_scale * "
-                   "image_features @ class_embeddings^T",
+        "image_features @ class_embeddings^T",
     }
     doc = f"P4Q text tower with the learned context of {source.model_name}"
     return graph.model("p4q_text_encoder", inputs, outputs, metadata, doc)
@@ -192,8 +203,13 @@ def save_model(model: onnx.ModelProto, path: Path) -> int:
     external = model.ByteSize() > PROTOBUF_LIMIT
     with atomic_write(path) as tmp:
         if external:
-            onnx.save_model(model, str(tmp), save_as_external_data=True,
-                            location=path.name + ".data", all_tensors_to_one_file=True)
+            onnx.save_model(
+                model,
+                str(tmp),
+                save_as_external_data=True,
+                location=path.name + ".data",
+                all_tensors_to_one_file=True,
+            )
         else:
             onnx.save_model(model, str(tmp))
     return os.path.getsize(path)
@@ -218,7 +234,9 @@ def export_onnx(
     check_writable(path)
     text_out = None
     if with_text:
-        text_out = Path(text_path).expanduser() if text_path else path.with_name(path.stem + "-text.onnx")
+        text_out = (
+            Path(text_path).expanduser() if text_path else path.with_name(path.stem + "-text.onnx")
+        )
         check_writable(text_out)
     source = export_source(model)
     with torch.no_grad():
@@ -236,8 +254,10 @@ def export_onnx(
             )
     size = save_model(image_model, path)
     text_size = save_model(text_model, text_out) if text_model is not None else None
-    int8, int4 = (sum(1 for t in image_model.graph.initializer if t.data_type == dt)
-                  for dt in (onnx.TensorProto.INT8, onnx.TensorProto.INT4))
+    int8, int4 = (
+        sum(1 for t in image_model.graph.initializer if t.data_type == dt)
+        for dt in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+    )
     notes = json.loads(dict((p.key, p.value) for p in image_model.metadata_props)["notes"])
     for note in notes:
         log.warning("%s", note)
@@ -264,9 +284,17 @@ def float_image_model(
     from p4q_lightning.quant import get_spec
 
     source = ExportSource(
-        clip=clip, adapter=adapter, text_features=text_features, logit_scale=logit_scale,
-        classnames=[str(i) for i in range(text_features.shape[0])], spec=get_spec("fp"),
-        model_name="float", pretrained=None, method="float", prompt_ctx=None, tokenizer=None,
+        clip=clip,
+        adapter=adapter,
+        text_features=text_features,
+        logit_scale=logit_scale,
+        classnames=[str(i) for i in range(text_features.shape[0])],
+        spec=get_spec("fp"),
+        model_name="float",
+        pretrained=None,
+        method="float",
+        prompt_ctx=None,
+        tokenizer=None,
     )
     preprocessing = {"size": list(image_size(clip.visual))}
     with torch.no_grad():
