@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             ["logits"], {"images": c.numpy()}
         )[0],
         "torch int8 (load_lowbit int8=True)": lambda c: int8.logits(c).numpy(),
+        # for scale: how far the student itself moves when its input moves by float rounding
+        "fake-quant student, input + 1e-6 noise": lambda c: clf.student_logits(
+            c + 1e-6 * torch.randn(c.shape, generator=g)
+        ).numpy(),
     }
     agree = dict.fromkeys(compared, 0)
     cos: dict[str, list[float]] = {k: [] for k in compared}

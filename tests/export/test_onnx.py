@@ -32,15 +32,27 @@ def _images(n: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=["w8a8", "w4a4", "p4q-official"])
+#: (preset, extra group overrides): the two uniform presets, the official one (per-channel
+#: activations) and log2-quantized attention probabilities
+SPECS = {
+    "w8a8": ("w8a8", {}),
+    "w4a4": ("w4a4", {}),
+    "p4q-official": ("p4q-official", {}),
+    "w8a8-log2": ("w8a8", {"attn_internals": {"softmax_quantizer": "log2"}}),
+}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
 def classifier(request, world) -> P4QClassifier:
+    preset, extra = SPECS[request.param]
+    overrides = {g: {**v, **extra.get(g, {})} for g, v in tiny_world.MINMAX.items()}
     model = P4QClassifier.build(
         tiny_world.MODEL_NAME,
         None,
         str(world["config"]),
         init_seed=0,
-        quant=request.param,
-        quant_overrides=tiny_world.MINMAX,
+        quant=preset,
+        quant_overrides=overrides,
         prompt=PromptArgs(n_ctx=4),
     )
     model.set_classes(NAMES)

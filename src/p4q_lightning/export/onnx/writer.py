@@ -21,7 +21,6 @@ from p4q_lightning.export.onnx.layers import LayerWriter
 from p4q_lightning.export.onnx.source import ExportSource, export_source
 from p4q_lightning.export.onnx.towers import (
     CLASS_EMBEDDINGS,
-    IMAGES,
     TOKENS,
     image_size,
     text_root,
@@ -83,11 +82,10 @@ def _bits_of(spec_groups: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _weight_storage(writer: LayerWriter, graph: GraphBuilder) -> tuple[int, int]:
-    """(INT8, INT4) weight initializers in the graph."""
-    int4 = sum(1 for t in graph.initializers if t.data_type == onnx.TensorProto.INT4)
-    int8 = sum(1 for t in graph.initializers if t.data_type == onnx.TensorProto.INT8)
-    return int8, int4
+def integer_weights(initializers: Sequence[onnx.TensorProto]) -> tuple[int, int]:
+    """(INT8, INT4) weight initializers among ``initializers``."""
+    types = [t.data_type for t in initializers]
+    return types.count(onnx.TensorProto.INT8), types.count(onnx.TensorProto.INT4)
 
 
 def per_channel_note(count: int, spec_name: str) -> str:
@@ -107,7 +105,7 @@ def build_image_model(
     inputs, outputs = write_image_graph(
         writer, source.clip.visual, source.adapter, source.text_features, source.logit_scale
     )
-    int8, int4 = _weight_storage(writer, graph)
+    int8, int4 = integer_weights(graph.initializers)
     spec = source.spec
     notes = []
     if writer.counts["per_channel_activations"]:
@@ -242,7 +240,8 @@ def export_onnx(
     with torch.no_grad():
         image_model, writer = build_image_model(source, preprocessing_of(source, preprocessing))
         text_model = build_text_model(source) if with_text else None
-    onnx.checker.check_model(image_model) if image_model.ByteSize() < PROTOBUF_LIMIT else None
+    if image_model.ByteSize() < PROTOBUF_LIMIT:  # the checker cannot take larger protos
+        onnx.checker.check_model(image_model)
     text_cos = None
     if text_model is not None:
         text_cos = text_agreement(source, text_model)
@@ -254,10 +253,7 @@ def export_onnx(
             )
     size = save_model(image_model, path)
     text_size = save_model(text_model, text_out) if text_model is not None else None
-    int8, int4 = (
-        sum(1 for t in image_model.graph.initializer if t.data_type == dt)
-        for dt in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
-    )
+    int8, int4 = integer_weights(image_model.graph.initializer)
     notes = json.loads(dict((p.key, p.value) for p in image_model.metadata_props)["notes"])
     for note in notes:
         log.warning("%s", note)
@@ -299,7 +295,3 @@ def float_image_model(
     preprocessing = {"size": list(image_size(clip.visual))}
     with torch.no_grad():
         return build_image_model(source, preprocessing, quantized=False)[0]
-
-
-def session_inputs(images: torch.Tensor) -> dict[str, np.ndarray]:
-    return {IMAGES: images.detach().float().cpu().numpy()}
