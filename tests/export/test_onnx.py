@@ -5,8 +5,6 @@ context reproduces the class matrix; metadata; clear refusals."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -193,21 +191,21 @@ def test_text_graph_is_refused_for_class_specific_context(world, tmp_path):
     assert not (tmp_path / "m.onnx").exists()  # nothing half-written
 
 
-def test_cli_without_the_extra_says_how_to_install(tmp_path):
-    """With onnx hidden, `p4q export --format onnx` fails in one line naming the install."""
-    code = (
-        "import sys; sys.modules['onnx'] = None; sys.modules['onnxruntime'] = None\n"
-        "import importlib.util as u; real = u.find_spec\n"
-        "u.find_spec = lambda n, *a: None if n in ('onnx', 'onnxruntime') else real(n, *a)\n"
-        "from p4q_lightning.cli import main; sys.exit(main(sys.argv[1:]))\n"
+def test_cli_without_the_extra_says_how_to_install(tmp_path, monkeypatch, capsys):
+    """With onnx and onnxruntime not found, `p4q export --format onnx` fails in one line that
+    names the install command, before reading the checkpoint."""
+    import importlib.util
+
+    from p4q_lightning.cli import main as cli_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("onnx", "onnxruntime") else real(name, *a),
     )
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"not read")
-    done = subprocess.run(
-        [sys.executable, "-c", code, "export", str(ckpt), "--format", "onnx"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 1
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert cli_main(["export", str(ckpt), "--format", "onnx"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "pip install 'p4q_lightning[onnx]'" in lines[0]

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,6 @@ class ExportSource:
     tokenizer: Callable[..., torch.Tensor] | None
     #: why the context cannot take new class names (None: it can)
     text_refusal: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def from_classifier(model: P4QClassifier) -> ExportSource:
@@ -121,7 +119,6 @@ def from_lowbit(model: LowBitCLIP) -> ExportSource:
         prompt_ctx=None if ctx is None else ctx.detach().float(),
         tokenizer=model.tokenizer,
         text_refusal=refusal,
-        extra=extra,
     )
 
 
