@@ -105,12 +105,13 @@ def from_lowbit(model: LowBitCLIP) -> ExportSource:
         refusal = "the file holds no learned prompt context"
     elif ctx.dim() != 2:
         refusal = "the context is class-specific (one per training class)"
-    scale = model.logit_scale
+    if model.logit_scale is None:
+        raise ExportMismatchError("this low-bit file has text features but no logit scale")
     return ExportSource(
         clip=model.clip,
         adapter=model.adapter,
         text_features=F.normalize(model.text_features.detach().float(), dim=-1),
-        logit_scale=float(scale) if scale is not None else 100.0,
+        logit_scale=float(model.logit_scale),
         classnames=list(model.classnames),
         spec=model.spec,
         model_name=info["model"]["name"],
