@@ -102,9 +102,11 @@ def _data_args(data: Any) -> dict[str, Any]:
 
 def _dataset(data: Any) -> str:
     args = _data_args(data)
+    half = args.get("subsample_classes")  # a base-to-novel run is another experiment
+    suffix = f"-{half}" if half in ("base", "new") else ""
     for key in ("dataset", "root", "data_dir"):
         if args.get(key):
-            return slug(args[key])
+            return slug(args[key]) + suffix
     class_path = data.get("class_path", "") if isinstance(data, Mapping) else ""
     return slug(class_path.rsplit(".", 1)[-1].lower() or "data")
 

@@ -3,10 +3,13 @@
 Reads every ``comparison.json`` that :class:`~p4q_lightning.callbacks.compare.ComparisonCallback`
 wrote under the given run directories, globs or files; anything else given (a stray file, an
 empty folder, unreadable JSON) is skipped with one warning line. Rows are grouped by experiment
-(dataset, model, shots) and method + bits; a baseline that every run of a seed reports (float
-zero-shot, PTQ) counts once per seed; top-1/top-5 are the mean and sample std over seeds (CoOp's
-result parser reports the same). Writes ``sweep.csv`` (one row per method, bits and seed),
-``summary.csv``, ``summary.md`` and ``sweep.png``, and prints the markdown table.
+(dataset, model, shots), test set and method + bits; a baseline that every run of a seed
+reports (float zero-shot, PTQ) counts once per seed; top-1/top-5 are the mean and sample std
+over seeds (CoOp's result parser reports the same). Runs with several test sets (domain
+generalisation, cross-dataset, base-to-novel) give a row per test set; base-to-novel runs also
+get ``hm``, the harmonic mean of the mean base and mean new accuracy (CoCoOp's H). Writes
+``sweep.csv`` (one row per test set, method, bits and seed), ``summary.csv``, ``summary.md`` and
+``sweep.png``, and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ RESULT_FILE = "comparison.json"
 RAW_COLUMNS = [
     "run",
     "dataset",
+    "test_set",
     "model",
     "experiment_shots",
     "seed",
@@ -44,6 +48,7 @@ RAW_COLUMNS = [
 ]
 SUMMARY_COLUMNS = [
     "dataset",
+    "test_set",
     "model",
     "experiment_shots",
     "method",
@@ -58,6 +63,7 @@ SUMMARY_COLUMNS = [
     "size_mb",
 ]
 METHOD_ORDER = {"fp32 zero-shot": 0, "coop": 1, "ptq": 2, "p4q": 3}
+BASE, NEW, HM = "base", "new", "hm"
 
 
 def _expand(arg: str) -> list[Path]:
@@ -107,7 +113,11 @@ def load_rows(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]]:
         shots = run.get("shots")
         if shots is None:  # older files: the trained row carries the run's shots
             shots = max((int(r.get("shots") or 0) for r in run_rows), default=0)
+        own = run_rows[0].get("test_set") if run_rows else None
         for r in run_rows:
+            if r.get("test_set") == HM:  # recomputed from the mean base and new accuracy
+                continue
+            test_set = r.get("test_set") or run.get("dataset")  # older files: one test set
             rows.append(
                 {
                     "run": _run_name(f),
@@ -116,13 +126,18 @@ def load_rows(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]]:
                     "experiment_shots": shots,
                     "seed": run.get("seed"),
                     **r,
+                    "test_set": test_set,
+                    "own_test_set": own is None or r.get("test_set") == own,
                 }
             )
     return rows, bad
 
 
+KEY = ("dataset", "model", "experiment_shots", "test_set", "method", "bits")
+
+
 def _key(r: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(r[k]) for k in ("dataset", "model", "experiment_shots", "method", "bits"))
+    return tuple(str(r[k]) for k in KEY)
 
 
 def dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -149,20 +164,24 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = rs[0]
         out.append(
             {
-                **{k: first[k] for k in ("dataset", "model", "experiment_shots", "method")},
-                **{k: first[k] for k in ("bits", "w_bits", "shots", "size_mb")},
+                **{k: first[k] for k in ("dataset", "model", "experiment_shots", "test_set")},
+                **{k: first[k] for k in ("method", "bits", "w_bits", "shots", "size_mb")},
                 "seeds": len(rs),
                 "top1": statistics.fmean(top1),
                 "top1_std": _std(top1),
                 "top5": statistics.fmean(top5),
                 "top5_std": _std(top5),
+                "own_test_set": first.get("own_test_set", True),
             }
         )
+    out += harmonic_means(out)
     out.sort(
         key=lambda r: (
             str(r["dataset"]),
             str(r["model"]),
             int(r["experiment_shots"] or 0),
+            not r.get("own_test_set", True),
+            str(r["test_set"]),
             -int(r["w_bits"] or 32),
             METHOD_ORDER.get(r["method"], 9),
             int(r["shots"] or 0),
@@ -171,18 +190,53 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _pct(mean: float, std: float, n: int) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
+def harmonic_means(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CoCoOp's H = 2·b·n/(b+n) of the mean base and mean new accuracy of each method."""
+    by_key = {_key(r): r for r in summary}
+    out = []
+    for r in summary:
+        if r["test_set"] != BASE:
+            continue
+        new = by_key.get(tuple(NEW if k == "test_set" else str(r[k]) for k in KEY))
+        if new is None:
+            continue
+        hm = {
+            m: 2 * r[m] * new[m] / (r[m] + new[m]) if r[m] + new[m] else 0.0
+            for m in ("top1", "top5")
+        }
+        out.append(
+            {
+                **r,
+                "test_set": HM,
+                "seeds": min(r["seeds"], new["seeds"]),
+                **hm,
+                "top1_std": None,
+                "top5_std": None,
+                "own_test_set": False,
+            }
+        )
+    return out
+
+
+def _pct(mean: float, std: float | None, n: int) -> str:
+    if std is None or n < 2:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def markdown(summary: list[dict[str, Any]]) -> str:
+    """The summary table; a ``test set`` column when some run has more than its own."""
+    several = any(str(r["test_set"]) != str(r["dataset"]) for r in summary)
+    set_head, set_rule = ("test set | ", "---|") if several else ("", "")
     lines = [
-        "| dataset | model | shots | method | bits | seeds | top-1 (%) | top-5 (%) | size (MB) |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|",
+        f"| dataset | {set_head}model | shots | method | bits | seeds | top-1 (%) | top-5 (%) | "
+        "size (MB) |",
+        f"|---|{set_rule}---|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in summary:
+        cell = f"{r['test_set']} | " if several else ""
         lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['experiment_shots']} | {r['method']} | "
+            f"| {r['dataset']} | {cell}{r['model']} | {r['experiment_shots']} | {r['method']} | "
             f"{r['bits']} | {r['seeds']} | {_pct(r['top1'], r['top1_std'], r['seeds'])} | "
             f"{_pct(r['top5'], r['top5_std'], r['seeds'])} | {float(r['size_mb']):.2f} |"
         )
@@ -222,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(table)
     from p4q_lightning.plots import accuracy_vs_bits_and_shots
 
-    accuracy_vs_bits_and_shots(summary, args.out / "sweep.png")
+    own = [r for r in summary if r.get("own_test_set", True)]  # one test set per experiment
+    accuracy_vs_bits_and_shots(own, args.out / "sweep.png")
     runs = len(files) - len(bad)
     sys.stdout.write(f"{runs} runs, {len(rows)} rows (mean ± std over seeds)\n\n{table}")
     written = ", ".join(str(args.out / n) for n in ("sweep.csv", "summary.csv", "summary.md"))
