@@ -19,3 +19,9 @@ run benchmarks/bench_int8.py --preset p4q-448
 echo; echo "## FBGEMM_ENABLE_INSTRUCTIONS=AVX2 benchmarks/bench_int8.py --preset w8a8"; echo
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 "$PY" benchmarks/bench_int8.py --preset w8a8
 run benchmarks/bench_calibration.py                     # ViT-B/32 calibration time, 1,280 images
+# ONNX graph in onnxruntime vs its float graph and vs the int8 torch path (speed, size)
+run benchmarks/bench_onnx.py --preset w8a8
+run benchmarks/bench_onnx.py --preset w4a4
+# ONNX graph vs the fake-quant student on the demo world (trains the demo's w8a8 and w4a4 runs)
+run benchmarks/onnx_agreement.py
+run benchmarks/bench_folder_index.py --rounds 5         # suite start: listed vs indexed folder

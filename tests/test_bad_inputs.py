@@ -116,12 +116,12 @@ def test_a_test_split_with_zero_items_is_an_error(world, tmp_path, capsys):
 
 
 def test_missing_relative_folder_is_not_mistaken_for_a_hub_id(world, tmp_path, capsys, monkeypatch):
-    import p4q_lightning.data.datamodule as dm
+    import p4q_lightning.data.kinds as kinds
 
     def no_hub(*args, **kwargs):
         raise AssertionError("a local-looking path went to the hub")
 
-    monkeypatch.setattr(dm, "HubSource", no_hub)
+    monkeypatch.setattr(kinds, "HubSource", no_hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     cfg = config(world, tmp_path, model={"method": "ptq"}, data=folder_data("data/does_not_exist"))

@@ -30,6 +30,7 @@ from p4q_lightning.args import (
 from p4q_lightning.losses import cosine_logits, p4q_loss
 from p4q_lightning.methods import Method, MethodTraits, traits
 from p4q_lightning.model.classifier import DEFAULT_TEMPLATES, P4QClassifier
+from p4q_lightning.test_classes import check_scorable, scoring_classes
 from p4q_lightning.training import checkpointing, optim
 from p4q_lightning.training.feature_source import TrainFeatureSource
 
@@ -125,6 +126,11 @@ class P4QModule(LightningModule):
         )
         self._train_source: TrainFeatureSource | None = None
         self._trained = False  # set by a fit or a loaded checkpoint / state dict
+        # test sets after the run's own split (DG, cross-dataset, base-to-novel's new half):
+        # what the datamodule's ``test_sets`` lists, their metrics and class embeddings
+        self._extra_sets: list[Any] = []
+        self._extra_text: list[torch.Tensor] = []
+        self.extra_test_metrics = torch.nn.ModuleList()
         if classnames:
             self.set_classes(classnames, templates)
 
@@ -175,6 +181,8 @@ class P4QModule(LightningModule):
             )
         self.set_classes(chosen, self.hparams.templates or templates)
         self._check_image_size()
+        if stage in ("fit", "test"):
+            self._setup_extra_test_sets()
         if stage in ("validate", "test"):
             self._check_not_empty(stage)
         if stage == "fit":
@@ -190,6 +198,23 @@ class P4QModule(LightningModule):
             )
             self._train_source = TrainFeatureSource.attach(self)
 
+    def _setup_extra_test_sets(self) -> None:
+        """Metrics for each test set after the run's own (``test/<name>/top1``...)."""
+        sets = getattr(getattr(self._attached_trainer(), "datamodule", None), "test_sets", None)
+        self._extra_sets = list(sets[1:]) if sets else []
+        for test_set in self._extra_sets:
+            check_scorable(self.classifier, test_set)
+        device = self.classifier.device
+        self.extra_test_metrics = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {
+                    name: MulticlassAccuracy(len(t.classnames), top_k=k, average="micro")
+                    for name, k in (("top1", 1), ("top5", min(5, len(t.classnames))))
+                }
+            ).to(device)
+            for t in self._extra_sets
+        )
+
     def _check_not_empty(self, stage: str) -> None:
         """Lightning skips an evaluation over 0 batches and reports success: refuse it."""
         dm = getattr(self._attached_trainer(), "datamodule", None)
@@ -197,8 +222,9 @@ class P4QModule(LightningModule):
         if make is None:
             return
         try:
-            loader = make()
-            empty = len(loader) == 0
+            loaders = make()
+            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+            empty = any(len(loader) == 0 for loader in loaders)
         except (TypeError, NotImplementedError):  # no loader or no length: nothing to check
             return
         if empty:
@@ -342,6 +368,13 @@ class P4QModule(LightningModule):
         self._start_eval()
 
     def on_test_epoch_start(self) -> None:
+        self._extra_text = []
+        templates = self.hparams.templates
+        with torch.no_grad():
+            for test_set in self._extra_sets:  # before the own split's text: this resets it
+                with scoring_classes(self.classifier, test_set, templates) as rows:
+                    text = self.classifier.student_text_features(sharded=True).detach()
+                    self._extra_text.append(rows(text))
         self._start_eval()
 
     def on_predict_epoch_start(self) -> None:
@@ -352,6 +385,7 @@ class P4QModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.classifier.invalidate_text()
+        self._extra_text = []
 
     def on_predict_epoch_end(self) -> None:
         self.classifier.invalidate_text()
@@ -365,16 +399,41 @@ class P4QModule(LightningModule):
         top1, top5 = getattr(self, f"{stage}_top1"), getattr(self, f"{stage}_top5")
         top1.update(logits, labels)
         top5.update(logits, labels)
+        self._log_eval(stage, logits, labels, top1, top5, prog_bar=True)
+
+    def _log_eval(
+        self, prefix: str, logits: Any, labels: Any, top1: Any, top5: Any, prog_bar: bool = False
+    ) -> None:
         n = labels.shape[0]
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), batch_size=n, sync_dist=True)
-        self.log(f"{stage}/top1", top1, batch_size=n, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/top5", top5, batch_size=n, sync_dist=True)
+        # one name per test set even when several test loaders run (no "/dataloader_idx_N")
+        options = dict(batch_size=n, sync_dist=True, add_dataloader_idx=False)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), **options)
+        self.log(f"{prefix}/top1", top1, prog_bar=prog_bar, **options)
+        self.log(f"{prefix}/top5", top5, **options)
+
+    def _extra_test_step(self, batch: Any, index: int) -> None:
+        """A batch of the ``index``-th extra test set, scored by its own class embeddings."""
+        if _is_empty(batch):
+            return
+        images, labels = batch[0], batch[1]
+        model = self.classifier
+        with torch.no_grad():
+            features = model.adapt(model.student_image_features(images))
+            logits = cosine_logits(features, self._extra_text[index], model.logit_scale)
+        metrics = self.extra_test_metrics[index]
+        metrics["top1"].update(logits, labels)
+        metrics["top5"].update(logits, labels)
+        name = self._extra_sets[index].name
+        self._log_eval(f"test/{name}", logits, labels, metrics["top1"], metrics["top5"])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            self._eval_step(batch, "test")
+        else:
+            self._extra_test_step(batch, dataloader_idx - 1)
 
     def predict_step(
         self, batch: Any, batch_idx: int, dataloader_idx: int = 0

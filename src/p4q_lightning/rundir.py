@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from p4q_lightning.methods import METHODS
+from p4q_lightning.synthetic_name import SYNTHETIC, synthetic_world_seed
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +106,29 @@ def _data_args(data: Any) -> dict[str, Any]:
     return {}
 
 
-SYNTHETIC = "synthetic"
-
-
 def dataset_label(dataset: Any, world_seed: int | None = None) -> str:
     """The one name of a dataset in run directories, W&B and ``p4q compare``: its slug, and
     ``synthetic-<world seed>`` for the synthetic world however the config spells it
     (``synthetic:0``, or ``synthetic`` with ``synthetic.world_seed: 0``)."""
     text = str(dataset)
-    if text == SYNTHETIC or text.startswith(SYNTHETIC + ":"):
-        seed = text.split(":", 1)[1] if ":" in text else world_seed
-        return slug(f"{SYNTHETIC}-{seed if seed is not None else 0}")
-    return slug(text)
+    try:
+        seed = synthetic_world_seed(text, default=world_seed or 0)
+    except ValueError:  # a malformed synthetic name: the datamodule reports it
+        seed = None
+    return slug(f"{SYNTHETIC}-{seed}") if seed is not None else slug(text)
 
 
 def _dataset(data: Any) -> str:
     args = _data_args(data)
+    half = args.get("subsample_classes")  # a base-to-novel run is another experiment
+    suffix = f"-{half}" if half in ("base", "new") else ""
     if args.get("dataset"):
         synthetic = args.get("synthetic")
         seed = synthetic.get("world_seed") if isinstance(synthetic, Mapping) else None
-        return dataset_label(args["dataset"], seed)
+        return dataset_label(args["dataset"], seed) + suffix
     for key in ("root", "data_dir"):
         if args.get(key):
-            return slug(args[key])
+            return slug(args[key]) + suffix
     class_path = data.get("class_path", "") if isinstance(data, Mapping) else ""
     return slug(class_path.rsplit(".", 1)[-1].lower() or "data")
 

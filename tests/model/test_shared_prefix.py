@@ -160,8 +160,8 @@ def test_wrong_shared_prefix_is_refused(towers, tokenizer):
 
 def test_int8_leaves_keep_the_shared_prefix_exact(towers, tokenizer, spy):
     """After ``convert_to_int8`` the attention is the same class with int8 ``in_proj`` and
-    ``out_proj`` leaves; ``heads()`` calls the leaf, so the shared path runs and stays exact
-    (integer GEMMs act per position like the fake-quant layers)."""
+    ``out_proj`` leaves; the attention core calls the leaves, so the shared path runs and stays
+    exact (integer GEMMs act per position like the fake-quant layers)."""
     from p4q_lightning.export import Int8Linear, convert_to_int8
 
     model = convert_to_int8(copy.deepcopy(towers["w8a8"]))
@@ -196,31 +196,3 @@ def test_teacher_prompt_features_use_the_shared_prefix(world, spy):
     want = encode_prompts(module.classifier.teacher, pl(fixed), pl.eot_index)
     want = torch.nn.functional.normalize(want, dim=-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "equation,shape_a,shape_b",
-    [
-        ("bhrd,bhkd->bhrk", (3, 2, 4, 5), (3, 2, 6, 5)),
-        ("bhrd,hpd->bhrp", (3, 2, 4, 5), (2, 7, 5)),
-        ("bhrp,hpd->bhrd", (3, 2, 4, 7), (2, 7, 5)),
-    ],
-)
-def test_code_products_save_int8_and_keep_gradients_exact(equation, shape_a, shape_b):
-    """Attention operands that are codes are kept as int8 for the backward pass; with integer
-    values every sum is exact, so the gradients equal plain einsum's bit for bit."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randint(-15, 16, shape_a, generator=gen).float().requires_grad_()
-    b = torch.randint(-15, 16, shape_b, generator=gen).float().requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(
-        lambda t: saved.append(t.dtype) or t, lambda t: t
-    ):
-        out = sp._product(equation, a, b, (torch.int8, torch.int8))
-    assert saved == [torch.int8, torch.int8]
-    grad = torch.randint(-3, 4, out.shape, generator=gen).float()
-    got = torch.autograd.grad(out, (a, b), grad)
-    want_out = torch.einsum(equation, a, b)
-    want = torch.autograd.grad(want_out, (a, b), grad)
-    assert torch.equal(out, want_out)
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -6,6 +6,11 @@ loader, then writes ``comparison/{comparison.csv, comparison.json, accuracy.png,
 similarity.png}`` in the run directory and, when a ``WandbLogger`` is attached, logs the same
 table, a bar chart and the figures to Weights & Biases. :func:`resolve_wandb_mode` switches
 W&B to offline mode when it has no key or no network, so a run never hangs on it.
+
+A run with more test sets (the datamodule's ``test_sets``: domain generalisation,
+cross-dataset transfer, base-to-novel's ``new`` half) gets rows for each, named in
+``test_set``; a base-to-novel run adds each method's harmonic mean of base and new
+(``test_set: hm``, CoCoOp's H).
 """
 
 from __future__ import annotations
@@ -25,12 +30,25 @@ from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
 from p4q_lightning.files import atomic_write, write_csv
 from p4q_lightning.methods import METHODS
 from p4q_lightning.model.classifier import P4QClassifier
+from p4q_lightning.test_classes import Rows, scoring_classes
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["method", "bits", "w_bits", "a_bits", "shots", "top1", "top5", "size_mb", "n_test"]
+COLUMNS = [
+    "method",
+    "bits",
+    "w_bits",
+    "a_bits",
+    "shots",
+    "top1",
+    "top5",
+    "size_mb",
+    "n_test",
+    "test_set",
+]
 FP_METHOD, PTQ_METHOD = "fp32 zero-shot", "ptq"
+BASE, NEW, HM = "base", "new", "hm"
 
 
 def _bits(spec: Any) -> tuple[str, int, int]:
@@ -44,7 +62,7 @@ def _bits(spec: Any) -> tuple[str, int, int]:
 def _data_info(trainer: Trainer) -> dict[str, Any]:
     dm = trainer.datamodule
     info: dict[str, Any] = {}
-    for key in ("shots", "seed", "dataset", "dataset_name"):
+    for key in ("shots", "seed", "dataset", "dataset_name", "subsample_classes"):
         value = getattr(dm, key, None)
         if value is None:
             value = (getattr(dm, "hparams", None) or {}).get(key) if dm is not None else None
@@ -96,16 +114,31 @@ class ComparisonCallback(Callback):
 
     @rank_zero_only
     def compare(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
-        loader = self._test_loader(trainer)
+        loaders = self._test_loaders(trainer)
+        sets = getattr(trainer.datamodule, "test_sets", None) or [None]
+        if len(sets) != len(loaders):
+            sets = [None] * len(loaders)
+        info = _data_info(trainer)
+        own_name = getattr(sets[0], "name", None) or str(info.get("dataset", "test"))
+        templates = (getattr(pl_module, "hparams", None) or {}).get("templates")
         was_training = pl_module.training
         pl_module.eval()
+        rows: list[dict[str, Any]] = []
         try:
             with torch.no_grad():
-                rows, matrices, labels = self.evaluate(
-                    pl_module.classifier, loader, _data_info(trainer)
-                )
+                for i, (test_set, loader) in enumerate(zip(sets, loaders, strict=True)):
+                    model = pl_module.classifier
+                    with scoring_classes(model, test_set, templates) as restrict:
+                        set_rows, set_matrices, set_labels = self.evaluate(
+                            model, loader, info, restrict, getattr(test_set, "classnames", None)
+                        )
+                    name = own_name if i == 0 else test_set.name
+                    rows += [{"test_set": name, **r} for r in set_rows]
+                    if i == 0:
+                        matrices, labels = set_matrices, set_labels
         finally:
             pl_module.train(was_training)
+        rows += harmonic_mean_rows(rows)
         self.rows, self.similarity = rows, (matrices, labels)
         out = run_dir(trainer) / self.dirname
         self.files = write_outputs(
@@ -115,33 +148,45 @@ class ComparisonCallback(Callback):
         return rows
 
     @staticmethod
-    def _test_loader(trainer: Trainer) -> Any:
+    def _test_loaders(trainer: Trainer) -> list[Any]:
+        """Every test loader, the run's own test split first."""
         dm = trainer.datamodule
         if dm is not None and hasattr(dm, "test_dataloader"):
             try:
-                return dm.test_dataloader()
+                loaders = dm.test_dataloader()
             except (AttributeError, RuntimeError):  # test split not set up (comparing after fit)
                 dm.setup("test")
-                return dm.test_dataloader()
-        loaders = trainer.test_dataloaders
+                loaders = dm.test_dataloader()
+        else:
+            loaders = trainer.test_dataloaders
         if loaders is None:
             raise RuntimeError(
                 "ComparisonCallback needs a test split: use a datamodule with test_dataloader()"
             )
-        return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
     def evaluate(
-        self, model: P4QClassifier, loader: Any, data_info: dict[str, Any]
+        self,
+        model: P4QClassifier,
+        loader: Any,
+        data_info: dict[str, Any],
+        restrict: Rows | None = None,
+        classnames: Any = None,
     ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], list[str]]:
-        """Top-1/top-5 of every method on ``loader`` plus the similarity matrices."""
+        """Top-1/top-5 of every method on ``loader`` plus the similarity matrices.
+
+        ``restrict`` takes the classifier's class embeddings to the rows that score this set
+        (a domain-generalisation set's classes); ``classnames`` are the set's class names."""
         method = model.method
         quantized, trained = model.traits.quantized, model.traits.trains
-        names = model.classnames
+        names = list(classnames) if classnames is not None else model.classnames
         text = {FP_METHOD: model.template_text_features(model.teacher)}
         if quantized:
             text[PTQ_METHOD] = model.template_text_features(model.student)
         if trained:
             text[method] = model.student_text_features().detach().float()
+        if restrict is not None:
+            text = {m: restrict(t) for m, t in text.items()}
         correct = {m: [0, 0] for m in text}
         total = 0
         sel_feats: dict[str, list[torch.Tensor]] = {m: [] for m in text}
@@ -206,13 +251,45 @@ class ComparisonCallback(Callback):
         return pick
 
     def _log(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        own = rows[0]["test_set"] if rows else None
         metrics = {
-            f"comparison/{r['method']}/{k}": float(r[k]) for r in rows for k in ("top1", "top5")
+            f"comparison/{_where(r, own)}{r['method']}/{k}": float(r[k])
+            for r in rows
+            for k in ("top1", "top5")
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if type(logger).__name__ == "WandbLogger":
                 log_to_wandb(logger.experiment, rows, self.files)
+
+
+def _where(row: dict[str, Any], own: Any) -> str:
+    """The metric-name prefix of a row's test set (none for the run's own split)."""
+    return "" if row["test_set"] == own else f"{row['test_set']}/"
+
+
+def _hm(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def harmonic_mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CoCoOp's H for each method that has a ``base`` and a ``new`` row (else none)."""
+    by_set = {(r["test_set"], r["method"], r["bits"]): r for r in rows}
+    out = []
+    for r in rows:
+        if r["test_set"] != BASE or (NEW, r["method"], r["bits"]) not in by_set:
+            continue
+        new = by_set[(NEW, r["method"], r["bits"])]
+        out.append(
+            {
+                **r,
+                "test_set": HM,
+                "top1": _hm(r["top1"], new["top1"]),
+                "top5": _hm(r["top5"], new["top5"]),
+                "n_test": r["n_test"] + new["n_test"],
+            }
+        )
+    return out
 
 
 def _trains(row_method: str) -> bool:
@@ -268,7 +345,9 @@ def write_outputs(
     with atomic_write(files["json"]) as tmp:
         tmp.write_text(json.dumps(payload, indent=2))
     title = f"{run.get('model')} · {run.get('quant')}"
-    files["accuracy"] = accuracy_bars(rows, directory / "accuracy.png", title)
+    several = len({r.get("test_set") for r in rows}) > 1
+    bars = [{**r, "bits": f"{r['bits']}\n{r['test_set']}"} for r in rows] if several else rows
+    files["accuracy"] = accuracy_bars(bars, directory / "accuracy.png", title)
     if matrices:
         files["similarity"] = similarity_matrices(
             {m: v.numpy() for m, v in matrices.items()},

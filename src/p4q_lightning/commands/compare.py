@@ -3,10 +3,13 @@
 Reads every ``comparison.json`` that :class:`~p4q_lightning.callbacks.compare.ComparisonCallback`
 wrote under the given run directories, globs or files; anything else given (a stray file, an
 empty folder, unreadable JSON) is skipped with one warning line. Rows are grouped by experiment
-(dataset, model, shots) and method + bits; a baseline that every run of a seed reports (float
-zero-shot, PTQ) counts once per seed; top-1/top-5 are the mean and sample std over seeds (CoOp's
-result parser reports the same). Writes ``sweep.csv`` (one row per method, bits and seed),
-``summary.csv``, ``summary.md`` and ``sweep.png``, and prints the markdown table.
+(dataset, model, shots), test set and method + bits; a baseline that every run of a seed
+reports (float zero-shot, PTQ) counts once per seed; top-1/top-5 are the mean and sample std
+over seeds (CoOp's result parser reports the same). Runs with several test sets (domain
+generalisation, cross-dataset, base-to-novel) give a row per test set; base-to-novel runs also
+get ``hm``, the harmonic mean of the mean base and mean new accuracy (CoCoOp's H). Writes
+``sweep.csv`` (one row per test set, method, bits and seed), ``summary.csv``, ``summary.md`` and
+``sweep.png``, and prints the markdown table.
 
 Trained runs are never merged: runs of one method and bits whose saved configs differ in a
 setting (a learning rate, the epochs, ...) form their own groups, the setting shown beside the
@@ -36,6 +39,7 @@ RESULT_FILE = "comparison.json"
 RAW_COLUMNS = [
     "run",
     "dataset",
+    "test_set",
     "model",
     "experiment_shots",
     "seed",
@@ -52,6 +56,7 @@ RAW_COLUMNS = [
 ]
 SUMMARY_COLUMNS = [
     "dataset",
+    "test_set",
     "model",
     "experiment_shots",
     "method",
@@ -67,6 +72,7 @@ SUMMARY_COLUMNS = [
     "size_mb",
 ]
 METHOD_ORDER = {"fp32 zero-shot": 0, "coop": 1, "ptq": 2, "p4q": 3}
+BASE, NEW, HM = "base", "new", "hm"
 # rows every run of a seed reports alike, counted once per experiment, bits and seed
 # (ComparisonCallback's FP_METHOD and PTQ_METHOD; not imported, to keep this command light)
 BASELINES = ("fp32 zero-shot", "ptq")
@@ -186,7 +192,9 @@ def _dataset_name(run: dict[str, Any], config: dict[str, Any] | None) -> str:
     """The dataset as the run directory names it (``synthetic-0``, ``imagenet-1k``)."""
     if config is not None and config.get("data"):
         return identity(config).dataset
-    return dataset_label(run.get("dataset") or "unknown")
+    half = run.get("subsample_classes")
+    suffix = f"-{half}" if half in (BASE, NEW) else ""
+    return dataset_label(run.get("dataset") or "unknown") + suffix
 
 
 def load_rows(
@@ -210,7 +218,14 @@ def load_rows(
         config = run_config(_run_dir(f))
         name = _run_name(f)
         settings[name] = run_settings(_run_dir(f), config)
+        own = run_rows[0].get("test_set") if run_rows else None
+        raw = run.get("dataset")
         for r in run_rows:
+            if r.get("test_set") == HM:  # recomputed from the mean base and new accuracy
+                continue
+            test_set = r.get("test_set") or raw  # older files: one test set
+            if raw is not None and test_set == raw:  # the run's own, spelt as everywhere
+                test_set = dataset_label(raw)
             rows.append(
                 {
                     "run": name,
@@ -220,15 +235,18 @@ def load_rows(
                     "seed": run.get("seed"),
                     "setting": "",
                     **r,
+                    "test_set": test_set,
+                    "own_test_set": own is None or r.get("test_set") == own,
                 }
             )
     return rows, bad, settings
 
 
+KEY = ("dataset", "model", "experiment_shots", "test_set", "method", "bits", "setting")
+
+
 def _key(r: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(
-        str(r[k]) for k in ("dataset", "model", "experiment_shots", "method", "bits", "setting")
-    )
+    return tuple(str(r[k]) for k in KEY)
 
 
 def _label_settings(rows: list[dict[str, Any]], settings: dict[str, dict[str, str] | None]) -> None:
@@ -254,14 +272,14 @@ def _label_settings(rows: list[dict[str, Any]], settings: dict[str, dict[str, st
 def dedupe(
     rows: list[dict[str, Any]], settings: dict[str, dict[str, str] | None] | None = None
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Baselines count once per experiment, bits and seed; trained runs that differ in a setting
-    stay apart (their ``setting`` names it). Returns the rows and the groups of runs that are
-    duplicates of one another (the first named counts); a run without a saved config is told
-    apart by its directory."""
+    """Baselines count once per experiment, test set, bits and seed; trained runs that differ in
+    a setting stay apart (their ``setting`` names it). Returns the rows and the groups of runs
+    that are duplicates of one another (the first named counts); a run without a saved config
+    is told apart by its directory."""
     settings = settings or {}
     _label_settings(rows, settings)
     seen: dict[tuple[str, ...], dict[str, Any]] = {}
-    duplicates: dict[tuple[str, ...], list[str]] = {}
+    duplicates: dict[str, list[str]] = {}  # first run -> the runs that repeat it
     kept: list[dict[str, Any]] = []
     for r in rows:
         key = (*_key(r), str(r["seed"]))
@@ -278,7 +296,9 @@ def dedupe(
             seen[(*_key(r), str(r["seed"]))] = r
             kept.append(r)
             continue
-        duplicates.setdefault(key, [first["run"]]).append(r["run"])
+        group = duplicates.setdefault(first["run"], [first["run"]])
+        if r["run"] not in group:  # once, however many test sets the runs share
+            group.append(r["run"])
     return kept, list(duplicates.values())
 
 
@@ -298,21 +318,25 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = rs[0]
         out.append(
             {
-                **{k: first[k] for k in ("dataset", "model", "experiment_shots", "method")},
+                **{k: first[k] for k in ("dataset", "model", "experiment_shots", "test_set")},
+                **{k: first[k] for k in ("method", "bits", "w_bits", "shots", "size_mb")},
                 "setting": first.get("setting", ""),
-                **{k: first[k] for k in ("bits", "w_bits", "shots", "size_mb")},
                 "seeds": len(rs),
                 "top1": statistics.fmean(top1),
                 "top1_std": _std(top1),
                 "top5": statistics.fmean(top5),
                 "top5_std": _std(top5),
+                "own_test_set": first.get("own_test_set", True),
             }
         )
+    out += harmonic_means(out)
     out.sort(
         key=lambda r: (
             str(r["dataset"]),
             str(r["model"]),
             int(r["experiment_shots"] or 0),
+            not r.get("own_test_set", True),
+            str(r["test_set"]),
             -int(r["w_bits"] or 32),
             METHOD_ORDER.get(r["method"], 9),
             int(r["shots"] or 0),
@@ -322,23 +346,59 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def harmonic_means(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CoCoOp's H = 2·b·n/(b+n) of the mean base and mean new accuracy of each method."""
+    by_key = {_key(r): r for r in summary}
+    out = []
+    for r in summary:
+        if r["test_set"] != BASE:
+            continue
+        new = by_key.get(tuple(NEW if k == "test_set" else str(r[k]) for k in KEY))
+        if new is None:
+            continue
+        hm = {
+            m: 2 * r[m] * new[m] / (r[m] + new[m]) if r[m] + new[m] else 0.0
+            for m in ("top1", "top5")
+        }
+        out.append(
+            {
+                **r,
+                "test_set": HM,
+                "seeds": min(r["seeds"], new["seeds"]),
+                **hm,
+                "top1_std": None,
+                "top5_std": None,
+                "own_test_set": False,
+            }
+        )
+    return out
+
+
 def method_label(r: dict[str, Any]) -> str:
     """The method, with the setting that tells its group apart (``p4q [optim.prompt_lr=0.01]``)."""
     return f"{r['method']} [{r['setting']}]" if r.get("setting") else str(r["method"])
 
 
-def _pct(mean: float, std: float, n: int) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
+def _pct(mean: float, std: float | None, n: int) -> str:
+    if std is None or n < 2:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def markdown(summary: list[dict[str, Any]]) -> str:
+    """The summary table; a ``test set`` column when some run has more than its own."""
+    several = any(str(r["test_set"]) != str(r["dataset"]) for r in summary)
+    set_head, set_rule = ("test set | ", "---|") if several else ("", "")
     lines = [
-        "| dataset | model | shots | method | bits | seeds | top-1 (%) | top-5 (%) | size (MB) |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|",
+        f"| dataset | {set_head}model | shots | method | bits | seeds | top-1 (%) | top-5 (%) | "
+        "size (MB) |",
+        f"|---|{set_rule}---|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in summary:
+        cell = f"{r['test_set']} | " if several else ""
         lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['experiment_shots']} | {method_label(r)} | "
+            f"| {r['dataset']} | {cell}{r['model']} | {r['experiment_shots']} | "
+            f"{method_label(r)} | "
             f"{r['bits']} | {r['seeds']} | {_pct(r['top1'], r['top1_std'], r['seeds'])} | "
             f"{_pct(r['top5'], r['top5_std'], r['seeds'])} | {float(r['size_mb']):.2f} |"
         )
@@ -385,9 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(table)
     from p4q_lightning.plots import accuracy_vs_bits_and_shots
 
-    accuracy_vs_bits_and_shots(
-        [{**r, "method": method_label(r)} for r in summary], args.out / "sweep.png"
-    )
+    own = [r for r in summary if r.get("own_test_set", True)]  # one test set per experiment
+    plotted = [{**r, "method": method_label(r)} for r in own]
+    accuracy_vs_bits_and_shots(plotted, args.out / "sweep.png")
     runs = len(files) - len(bad)
     sys.stdout.write(f"{runs} runs, {len(rows)} rows (mean ± std over seeds)\n\n{table}")
     written = ", ".join(str(args.out / n) for n in ("sweep.csv", "summary.csv", "summary.md"))

@@ -1,4 +1,6 @@
-"""``p4q export CKPT [--out FILE]``: write a P4Q/PTQ checkpoint as a low-bit safetensors file."""
+"""``p4q export CKPT [--out FILE] [--format lowbit|onnx]``: write a P4Q/PTQ checkpoint as a low-bit
+safetensors file, or as an ONNX graph from images to class logits (``--with-text``: also the
+text tower with the learned context). ``--format onnx`` also takes a low-bit file as CKPT."""
 
 from __future__ import annotations
 
@@ -65,16 +67,45 @@ def main(argv: list[str] | None = None) -> int:
         prog="p4q export",
         description="Export the calibrated low-bit student, learned prompt and adapter of a P4Q "
         "(or PTQ) checkpoint as integer weights + JSON metadata (loads with "
-        "p4q_lightning.load_lowbit).",
+        "p4q_lightning.load_lowbit), or as an ONNX graph from images to class logits "
+        "(--format onnx; needs pip install 'p4q_lightning[onnx]').",
     )
-    parser.add_argument("checkpoint", type=Path, help="Lightning checkpoint (.ckpt) of a P4QModule")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output file (default: CKPT-lowbit.safetensors)"
+        "checkpoint",
+        type=Path,
+        help="Lightning checkpoint (.ckpt) of a P4QModule; with --format onnx also a low-bit "
+        ".safetensors file",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output file (default: CKPT-lowbit.safetensors, or CKPT.onnx with --format onnx)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("lowbit", "onnx"),
+        default="lowbit",
+        help="lowbit: packed integer safetensors (default); onnx: an onnxruntime graph",
+    )
+    parser.add_argument(
+        "--with-text",
+        action="store_true",
+        help="(onnx) also write OUT-text.onnx: token ids of new class names -> class embeddings "
+        "through the student text tower with the learned context",
     )
     parser.add_argument("--verify", action="store_true", help="reload the file and check it")
     args = parser.parse_args(argv)
+    if args.with_text and args.format != "onnx":
+        parser.error("--with-text writes a second ONNX graph: use it with --format onnx")
+    if args.format == "onnx":
+        from p4q_lightning.export.onnx import require_onnx
+
+        require_onnx()  # one line naming the install command, before any slow work
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist")
+    if args.format == "onnx":
+        return export_onnx_file(args.checkpoint, args.out, args.with_text, args.verify)
 
     from p4q_lightning.export import load_lowbit
     from p4q_lightning.export.format import check_writable
@@ -92,6 +123,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify:
         loaded = load_lowbit(report.path)
         sys.stdout.write(f"verified: {len(loaded.classnames)} classes, spec {loaded.spec.name}\n")
+    return 0
+
+
+def data_preprocessing(ckpt: dict) -> dict[str, Any]:
+    """Mean, std and interpolation the run's datamodule used (saved by LightningCLI), if any."""
+    hparams = ckpt.get("datamodule_hyper_parameters") or {}
+    return {k: hparams[k] for k in ("mean", "std", "interpolation") if hparams.get(k)}
+
+
+def export_onnx_file(checkpoint: Path, out: Path | None, with_text: bool, verify: bool) -> int:
+    """``--format onnx``: the graph of a checkpoint's classifier or of a low-bit file."""
+    from p4q_lightning.export.format import check_writable
+    from p4q_lightning.export.onnx import export_onnx
+
+    out = (out or checkpoint.with_suffix(".onnx")).expanduser()
+    check_writable(out)
+    if checkpoint.suffix == ".safetensors":
+        from p4q_lightning.export import load_lowbit
+
+        source: Any = load_lowbit(checkpoint)
+        preprocessing: dict[str, Any] = {}
+    else:
+        ckpt = check_checkpoint(checkpoint)
+        module = module_from_checkpoint(ckpt)
+        module.eval()
+        source, preprocessing = module.classifier, data_preprocessing(ckpt)
+    report = export_onnx(source, out, with_text=with_text, preprocessing=preprocessing)
+    sys.stdout.write(
+        f"wrote {report.path} ({report.file_bytes / 1e6:.2f} MB; weights: "
+        f"{report.int8_weights} INT8, {report.int4_weights} INT4, {report.float_weights} float)\n"
+    )
+    for note in report.notes:
+        sys.stdout.write(f"note: {note}\n")
+    if report.text_path is not None:
+        sys.stdout.write(
+            f"wrote {report.text_path} ({report.text_bytes / 1e6:.2f} MB; training classes "
+            f"reproduced with min cosine {report.text_min_cosine:.6f})\n"
+        )
+    if verify:
+        from p4q_lightning.export.onnx.verify import agreement
+
+        result = agreement(source, report.path)
+        sys.stdout.write(
+            f"verified: onnxruntime top-1 equals the student's on {result.same_top1}/"
+            f"{result.images} random images, min logits cosine {result.min_cosine:.6f}\n"
+        )
     return 0
 
 

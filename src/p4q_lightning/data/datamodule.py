@@ -1,11 +1,12 @@
-"""``FewShotDataModule``: CoOp few-shot splits of a hub dataset, a folder or the synthetic world."""
+"""``FewShotDataModule``: CoOp few-shot splits of a suite dataset under ``$DATA``, a hub
+dataset, a folder or the synthetic world, plus the run's extra test sets."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,21 +18,18 @@ from p4q_lightning.args import as_group
 from p4q_lightning.data.cache import cache_dir
 from p4q_lightning.data.datasets import MemoryDataset, SourceDataset, collate_skip_none, decode_all
 from p4q_lightning.data.feature_serving import FeatureServing
-from p4q_lightning.data.fewshot import (
-    make_split,
-    read_split,
-    resolve_indices,
-    split_path,
-    write_split,
-)
-from p4q_lightning.data.hub import HubArgs, HubSource, is_saved_dataset
+from p4q_lightning.data.fewshot import resolve_indices
+from p4q_lightning.data.hub import HubArgs
+from p4q_lightning.data.kinds import DatasetRequest
+from p4q_lightning.data.run_split import RunSplit
 from p4q_lightning.data.seeded import seeded_train_loader
-from p4q_lightning.data.sources import FolderSource, ImageSource, SyntheticArgs, SyntheticSource
+from p4q_lightning.data.sources import ImageSource, SyntheticArgs
+from p4q_lightning.data.subsample import SUBSAMPLES, Subsample
+from p4q_lightning.data.test_sets import EvalSet, extra_test_sets, own_test_set
 from p4q_lightning.data.transforms import eval_transform, train_transform
+from p4q_lightning.synthetic_name import SYNTHETIC, synthetic_world_seed
 
 log = logging.getLogger(__name__)
-
-SYNTHETIC = "synthetic"
 
 
 def _global_rank() -> int:
@@ -47,12 +45,23 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
     (:class:`~p4q_lightning.data.feature_serving.FeatureServing`).
 
     Args:
-        dataset: a Hugging Face hub id (``ILSVRC/imagenet-1k``, ``uoft-cs/cifar10``,
-            ``uoft-cs/cifar100``) or builder (``imagefolder`` with ``data_dir``); a local image
-            folder (ImageNet layout ``train/<wnid>/`` + ``val/<wnid>/``, or ``<class>/`` folders);
-            a folder written by ``save_to_disk``; or ``synthetic[:<world_seed>]``.
+        dataset: a CoOp suite name read from ``root`` (``imagenet``, ``caltech101``,
+            ``oxford_pets``, ``stanford_cars``, ``oxford_flowers``, ``food101``,
+            ``fgvc_aircraft``, ``sun397``, ``dtd``, ``eurosat``, ``ucf101``; test-only
+            ``imagenet_v2``, ``imagenet_sketch``, ``imagenet_a``, ``imagenet_r``; CoOp's class
+            names such as ``OxfordPets`` too); a Hugging Face hub id (``ILSVRC/imagenet-1k``,
+            ``uoft-cs/cifar10``, ``uoft-cs/cifar100``) or builder (``imagefolder`` with
+            ``data_dir``); a local image folder (ImageNet layout ``train/<wnid>/`` +
+            ``val/<wnid>/``, or ``<class>/`` folders); a folder written by ``save_to_disk``; or
+            ``synthetic[:<world_seed>]``.
+        root: ``$DATA``, the folder holding the suite's dataset folders (CoOp's layout).
         shots: training images per class (CoOp: 1, 2, 4, 8, 16).
         seed: seed of the few-shot sampling (CoOp: 1, 2, 3).
+        subsample_classes: ``all``, or ``base`` / ``new`` (CoCoOp's base-to-novel halves); a
+            run on ``base`` is also tested on ``new``.
+        test_datasets: more test sets for ``test`` (suite names, ids or folders): domain
+            generalisation (``imagenet_v2``... scored with the classifier restricted to their
+            classes) or cross-dataset transfer (another dataset's own class names).
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (None: batch_size).
         num_workers: DataLoader worker processes.
@@ -67,7 +76,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         hflip: random horizontal flips in the train augmentation.
         train_augment: augment training images (False: the eval transform).
         calib_images: how many seeded train-split images ``calibration_dataloader`` serves.
-        split_dir: where split files go (default ``$P4Q_CACHE_DIR/splits``).
+        split_dir: where split files and folder indexes go (default ``$P4Q_CACHE_DIR/splits``).
         skip_corrupt: skip unreadable images (counted and logged) instead of failing.
         expected_num_classes: fail early when the dataset has a different number of classes.
         classnames: override the dataset's class names (same number of classes).
@@ -81,9 +90,12 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: str = SYNTHETIC,
+        dataset: str | None = SYNTHETIC,
+        root: str | None = None,
         shots: int = 16,
         seed: int = 1,
+        subsample_classes: Subsample = "all",
+        test_datasets: list[str] | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -113,6 +125,15 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
             raise ValueError(f"shots={shots}: use a positive number of images per class")
         if batch_size < 1 or calib_images < 0:
             raise ValueError("batch_size must be positive and calib_images non-negative")
+        if not dataset:
+            raise ValueError(
+                "data.init_args.dataset is not set: pass --data.init_args.dataset <name> (e.g. "
+                "oxford_pets with --data.init_args.root $DATA, a hub id, a folder or synthetic)"
+            )
+        if subsample_classes not in SUBSAMPLES:
+            raise ValueError(
+                f"subsample_classes={subsample_classes!r}: use one of {', '.join(SUBSAMPLES)}"
+            )
         self.hub_args = as_group(HubArgs, hub, "data.hub")
         self.synthetic_args = as_group(SyntheticArgs, synthetic, "data.synthetic")
         # plain values only: checkpoints are read back with torch.load(weights_only=True)
@@ -122,16 +143,9 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.save_hyperparameters(arguments)
         self.dataset = dataset
         self.shots, self.seed = shots, seed
-        self.is_synthetic = dataset == SYNTHETIC or dataset.startswith(SYNTHETIC + ":")
-        world_seed = self.synthetic_args.world_seed
-        if self.is_synthetic and ":" in dataset:
-            try:
-                world_seed = int(dataset.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(
-                    f"dataset={dataset!r}: use 'synthetic' or 'synthetic:<world_seed>'"
-                ) from None
-        self.world_seed = world_seed
+        world_seed = synthetic_world_seed(dataset, self.synthetic_args.world_seed)  # "x" fails now
+        self.is_synthetic = world_seed is not None
+        self.world_seed = self.synthetic_args.world_seed if world_seed is None else world_seed
         self.image_size = image_size or (32 if self.is_synthetic else 224)
         # the command line fills these from the model's preprocessing config (P4QCLI)
         self.mean = tuple(mean) if mean else OPENAI_DATASET_MEAN
@@ -146,65 +160,53 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
-        self.split: dict[str, Any] | None = None
+        self.extra_test: list[tuple[EvalSet, Dataset]] | None = None
         self.skipped: list[str] = []
-        self._source: ImageSource | None = None
+        self.run_split = RunSplit(
+            self.request(dataset, self.hub_args), shots, seed, subsample_classes, self._split_root()
+        )
 
     # ------------------------------------------------------------------ sources and splits
+    def request(self, dataset: str, hub: HubArgs | None = None) -> DatasetRequest:
+        """How ``dataset`` is opened here (root, world and folder-index options)."""
+        return DatasetRequest(
+            dataset,
+            self.hparams.root,
+            hub or HubArgs(cache_dir=self.hub_args.cache_dir),
+            self.synthetic_args,
+            self._split_root() / "index",
+        )
+
+    def _split_root(self) -> Path:
+        return Path(self.split_dir).expanduser() if self.split_dir else cache_dir() / "splits"
+
+    @property
+    def full_source(self) -> ImageSource:
+        """The opened dataset with all its classes (opened once, on first use)."""
+        return self.run_split.full
+
     @property
     def source(self) -> ImageSource:
-        """The opened dataset (opened once, on first use)."""
-        if self._source is None:
-            self._source = self._open_source()
-            self._set_classes(self._source)
-        return self._source
+        """The dataset the run uses: all classes, or CoCoOp's base or new half."""
+        if not self.classnames:
+            self._set_classes(self.run_split.source(write=_global_rank() == 0))
+        return self.run_split.source(write=False)
 
-    def _open_source(self) -> ImageSource:
-        if self.is_synthetic:
-            world = self.synthetic_args
-            return SyntheticSource(self.world_seed, world.train_per_class, world.test_per_class)
-        path = os.path.expanduser(self.dataset)
-        if is_saved_dataset(path):
-            return self._hub_source()
-        if not os.path.exists(path):
-            # A hub id is "name" or "owner/name"; anything else that is missing is a bad path.
-            d = self.dataset
-            owner = d.split("/", 1)[0] if d.count("/") == 1 else ""
-            if (
-                d.startswith((".", "/", "~"))
-                or d.count("/") > 1
-                or "\\" in d
-                or (owner and os.path.isdir(owner))  # data/missing: a folder under ./data
-            ):
-                raise FileNotFoundError(
-                    f"dataset folder {os.path.abspath(path)} does not exist; pass an existing "
-                    "image folder, a saved dataset, a hub id such as uoft-cs/cifar10, or "
-                    "'synthetic'"
-                )
-            try:
-                return self._hub_source()
-            except RuntimeError as err:
-                if not owner:
-                    raise
-                raise FileNotFoundError(
-                    f"dataset {d!r} is neither a local folder ({os.path.abspath(path)} does not "
-                    f"exist) nor a loadable hub dataset ({err})"
-                ) from err
-        return FolderSource(path)
+    @property
+    def split(self) -> dict[str, Any] | None:
+        """The few-shot split (``train``/``val`` item keys), once loaded."""
+        run = self.run_split
+        return run.load(write=False) if run.loaded else None
 
-    def _hub_source(self) -> HubSource:
-        hub = self.hub_args
-        return HubSource(
-            self.dataset,
-            hub.data_dir,
-            hub.config,
-            hub.image_column,
-            hub.label_column,
-            hub.train_split,
-            hub.val_split,
-            hub.test_split,
-            hub.cache_dir,
-        )
+    @property
+    def split_file(self) -> Path:
+        """Path of the JSON split file for (dataset, shots, seed)."""
+        return self.run_split.path
+
+    @property
+    def test_only(self) -> bool:
+        """A dataset without training images (ImageNetV2, -Sketch, -A, -R)."""
+        return self.run_split.test_only
 
     def _set_classes(self, source: ImageSource) -> None:
         hp = self.hparams
@@ -226,35 +228,22 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
             raise ValueError(f"templates must contain exactly one '{{}}': {bad[:3]}")
         self.classnames, self.templates, self.num_classes = names, templates, len(names)
 
-    @property
-    def split_file(self):
-        """Path of the JSON split file for (dataset, shots, seed)."""
-        root = self.split_dir or cache_dir() / "splits"
-        return split_path(root, self.source.split_key, self.shots, self.seed)
-
     def prepare_data(self) -> None:
         """Download/prepare the dataset and write the split file once (local rank 0)."""
-        path = self.split_file
-        if not path.is_file():
-            write_split(path, make_split(self.source, self.shots, self.seed))
-            log.info("wrote few-shot split %s", path)
-
-    def _load_split(self) -> dict[str, Any]:
-        path = self.split_file
-        if path.is_file():
-            return read_split(path, self.source, self.shots, self.seed)
-        split = make_split(self.source, self.shots, self.seed)  # deterministic on every rank
-        if _global_rank() == 0:
-            write_split(path, split)
-        return split
+        self.run_split.write()
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of ``stage``: few-shot train (fit), few-shot val (fit/validate),
         the full evaluation split (test/predict); None builds all."""
-        source, hp = self.source, self.hparams
-        if self.split is None:
-            self.split = self._load_split()
+        run, hp = self.run_split, self.hparams
+        if run.test_only and stage in (None, "fit", "validate"):
+            run.refuse_test_only()
+        if not run.test_only:
+            run.load(write=_global_rank() == 0)
+        source = self.source
+        if self.extra_test is None:  # checked at fit too: a wrong test set fails before training
+            self.extra_test = self._extra_test_sets()
         ev = eval_transform(self.image_size, self.mean, self.std, self.interpolation)
         if stage in (None, "fit") and self.train_dataset is None:
             tr = train_transform(
@@ -266,11 +255,12 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
                 hp.train_augment,
                 self.interpolation,
             )
-            self.train_dataset = self._few_shot_dataset("train", self.split["train"], tr)
+            self.train_dataset = self._few_shot_dataset("train", run.drawn("train"), tr)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._few_shot_dataset(self.split["val_from"], self.split["val"], ev)
+            val_from = run.load(write=False)["val_from"]
+            self.val_dataset = self._few_shot_dataset(val_from, run.drawn("val"), ev)
         if stage in (None, "test", "predict") and self.test_dataset is None:
-            split, indices = self._test_items()
+            split, indices = run.test_items()
             if not indices:
                 raise ValueError(
                     f"{source.name} has no test split and the few-shot split (shots={hp.shots} "
@@ -293,20 +283,21 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.skipped.extend(skipped)
         return MemoryDataset(images, labels, transform)
 
-    def _test_items(self) -> tuple[str, list[int]]:
-        source = self.source
-        if "test" in source.splits():
-            return "test", list(range(len(source.labels("test"))))
-        assert self.split is not None
-        used = set(resolve_indices(source, "train", self.split["train"]))
-        if self.split["val_from"] == "train":
-            used |= set(resolve_indices(source, "train", self.split["val"]))
-        log.info(
-            "%s has no test split: testing on the %d train items outside the few-shot split",
-            source.name,
-            len(source.labels("train")) - len(used),
-        )
-        return "train", [i for i in range(len(source.labels("train"))) if i not in used]
+    # ------------------------------------------------------------------ more test sets
+    @property
+    def test_sets(self) -> list[EvalSet]:
+        """What ``test`` evaluates, in loader order: the run's own test split, then the
+        ``new`` half (base-to-novel runs) and each of ``test_datasets``."""
+        return [own_test_set(self), *(t for t, _ in self.extra_test or [])]
+
+    def _extra_test_sets(self) -> list[tuple[EvalSet, Dataset]]:
+        hp = self.hparams
+        ev = eval_transform(self.image_size, self.mean, self.std, self.interpolation)
+        sets = extra_test_sets(self, hp.subsample_classes, list(hp.test_datasets or []))
+        return [
+            (t, SourceDataset(src, "test", range(len(src.labels("test"))), ev, hp.skip_corrupt))
+            for t, src in sets
+        ]
 
     # ------------------------------------------------------------------ loaders
     def _loader(
@@ -334,15 +325,23 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, False, self.hparams.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, False, self.hparams.eval_batch_size)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The run's own test split, or a list of loaders in :attr:`test_sets` order when the
+        run has more test sets."""
+        own = self._loader(self.test_dataset, False, self.hparams.eval_batch_size)
+        if not self.extra_test:
+            return own
+        batch = self.hparams.eval_batch_size
+        return [own, *(self._loader(ds, False, batch) for _, ds in self.extra_test)]
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        return self._loader(self.test_dataset, False, self.hparams.eval_batch_size)
 
     def calibration_dataloader(self, num_images: int | None = None) -> DataLoader:
         """``calib_images`` train-split images for PTQ calibration: seeded, eval transform,
         every other image flipped (labels included but not needed)."""
+        if self.test_only:
+            self.run_split.refuse_test_only()
         source, hp = self.source, self.hparams
         n_total = len(source.labels("train"))
         n = min(hp.calib_images if num_images is None else num_images, n_total)

@@ -3,6 +3,10 @@
 CoOp draws ``random.sample(items, k)`` per class (all items, with a warning, when a class has
 fewer), validation ``min(k, 4)`` per class, and caches the choice per (k, seed). The split
 file stores item ids, so every DDP rank and every rerun trains on the same images.
+
+Sources with ``draw_rule = "coop"`` (the suite's datasets) get CoOp's draw to the image
+(:func:`coop_draw`); the others keep this package's class-ordered draw, so their existing
+split files and results stay valid.
 """
 
 from __future__ import annotations
@@ -55,6 +59,29 @@ def sample_per_class(
     return chosen, short
 
 
+def coop_draw(labels: Sequence[int], k: int, rng: random.Random) -> list[int]:
+    """Indices CoOp's ``generate_fewshot_dataset`` picks from a list with these ``labels``.
+
+    Items are grouped by label in the order each label first appears; each group with at
+    least ``k`` items gives ``rng.sample(group, k)`` (in draw order; a group of exactly ``k``
+    items still calls ``sample``, which advances ``rng``), a smaller group gives all its items.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        groups.setdefault(int(y), []).append(i)
+    chosen: list[int] = []
+    for items in groups.values():
+        chosen.extend(rng.sample(items, k) if len(items) >= k else items)
+    return chosen
+
+
+def _short_classes(labels: Sequence[int], k: int, num_classes: int) -> dict[int, int]:
+    counts = [0] * num_classes
+    for y in labels:
+        counts[int(y)] += 1
+    return {c: n for c, n in enumerate(counts) if n < k}
+
+
 def _warn_short(short: dict[int, int], k: int, classnames: Sequence[str], what: str) -> None:
     if not short:
         return
@@ -78,12 +105,23 @@ def make_split(source: ImageSource, shots: int, seed: int) -> dict[str, Any]:
     if shots < 1:
         raise ValueError(f"shots={shots}: use a positive number of images per class (CoOp: 1-16)")
     num_classes = len(source.classnames)
+    # one generator seeded once, train drawn before val: CoOp's order
     rng = random.Random(seed)
     train_labels = source.labels("train")
-    train, short = sample_per_class(train_labels, shots, rng, num_classes)
+    coop = getattr(source, "draw_rule", None) == "coop"
+    if coop:
+        train = coop_draw(train_labels, shots, rng)
+        short = _short_classes(train_labels, shots, num_classes)
+    else:
+        train, short = sample_per_class(train_labels, shots, rng, num_classes)
     _warn_short(short, shots, source.classnames, "training")
     val_shots = min(shots, 4)
-    if "val" in source.splits():
+    if "val" in source.splits() and coop:
+        val_from = "val"
+        val_labels = source.labels("val")
+        val = coop_draw(val_labels, val_shots, rng)
+        short_val = _short_classes(val_labels, val_shots, num_classes)
+    elif "val" in source.splits():
         val_from = "val"
         val, short_val = sample_per_class(source.labels("val"), val_shots, rng, num_classes)
     else:
@@ -105,6 +143,7 @@ def make_split(source: ImageSource, shots: int, seed: int) -> dict[str, Any]:
         "num_classes": num_classes,
         "classnames_sha1": _sha1("\n".join(source.classnames)),
         "fingerprint": source.fingerprint(),
+        "draw": "coop" if coop else "per_class",
         "val_from": val_from,
         "train": [train_keys[i] for i in train],
         "val": [val_keys[i] for i in val],

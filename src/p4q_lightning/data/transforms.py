@@ -44,8 +44,8 @@ def model_preprocess(
     from open_clip.transform import PreprocessCfg
 
     from p4q_lightning.model.build import register_model_config
-    from p4q_lightning.model.clip import SYNTHETIC_PREFIX
     from p4q_lightning.model.tiny import register_tiny_clip
+    from p4q_lightning.synthetic_name import is_synthetic
 
     if model_config:
         register_model_config(model_config)
@@ -53,7 +53,7 @@ def model_preprocess(
         register_tiny_clip()
     config = open_clip.get_model_config(model_name) or {}
     cfg = asdict(PreprocessCfg())
-    if pretrained and not pretrained.startswith(SYNTHETIC_PREFIX):  # a tag (a path gives {})
+    if pretrained and not is_synthetic(pretrained):  # a tag (a path gives {})
         tagged = get_pretrained_cfg(model_name, pretrained)
         cfg.update({k: tagged[k] for k in ("mean", "std", "interpolation") if k in tagged})
     size = (config.get("vision_cfg") or {}).get("image_size")

@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from p4q_lightning.model.tiny import register_tiny_clip
+from p4q_lightning.synthetic_name import synthetic_world_seed
 
 log = logging.getLogger(__name__)
-
-SYNTHETIC_PREFIX = "synthetic"
 
 
 def _check_model_name(name: str) -> None:
@@ -35,10 +34,10 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     """Map ``synthetic[:seed]`` to the cached tiny-teacher checkpoint; check local paths."""
     if pretrained is None or pretrained == "":
         return None
-    if pretrained == SYNTHETIC_PREFIX or pretrained.startswith(SYNTHETIC_PREFIX + ":"):
+    seed = synthetic_world_seed(pretrained)
+    if seed is not None:
         from p4q_lightning.demo.teacher import ensure_teacher_checkpoint
 
-        seed = int(pretrained.split(":", 1)[1]) if ":" in pretrained else 0
         return str(ensure_teacher_checkpoint(world_seed=seed))
     looks_like_path = any(s in pretrained for s in ("/", "\\")) or pretrained.endswith(
         (".pt", ".pth", ".bin", ".safetensors", ".ckpt")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from p4q_lightning.model import shared_prefix as sp
+from p4q_lightning.quant.convert import text_tower_root
 
 #: Shorter shared prefixes run on the full path: splitting off one token saves too little.
 MIN_SHARED_PREFIX = 2
@@ -28,7 +29,7 @@ class TextTower:
     """Uniform access to the text tower parts of an open_clip ``CLIP`` or ``CustomTextCLIP``."""
 
     def __init__(self, model: nn.Module) -> None:
-        root = model.text if hasattr(model, "text") else model
+        root = text_tower_root(model)
         for part in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
             if not hasattr(root, part):
                 raise TypeError(

@@ -23,9 +23,16 @@ SPEC_ATTR = "p4q_quant_spec"
 QUANT_MODULES = (QuantLinear, QuantConv2d, QuantEmbedding)
 
 
+def text_tower_root(model: nn.Module) -> nn.Module:
+    """The module that holds an open_clip model's text tower (``token_embedding``,
+    ``transformer``, ``ln_final``...): ``model.text`` of a ``CustomTextCLIP``, else the
+    ``CLIP`` itself. The one place this layout fact is written."""
+    return model.text if hasattr(model, "text") else model
+
+
 def text_tower_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(transformer, token_embedding) of the text tower of a ``CLIP`` or ``CustomTextCLIP``."""
-    root = model.text if hasattr(model, "text") else model
+    root = text_tower_root(model)
     if not hasattr(root, "transformer") or not hasattr(root, "token_embedding"):
         raise TypeError(
             f"{type(root).__name__} has no open_clip text transformer: only open_clip CLIP "
@@ -86,13 +93,12 @@ def quantize(
     resolved = get_spec(spec, overrides)
     student = copy.deepcopy(model)
     visual = vision_tower(student)
-    text_transformer, _ = text_tower_parts(student)
+    text_transformer, token_embedding = text_tower_parts(student)
     visual.conv1 = QuantConv2d(visual.conv1, resolved["vision.patch_embed"], "vision.patch_embed")
     _quantize_transformer(visual.transformer, resolved, "vision")
     _quantize_transformer(text_transformer, resolved, "text")
-    text_root = student.text if hasattr(student, "text") else student
-    text_root.token_embedding = QuantEmbedding(
-        text_root.token_embedding, resolved["text.token_embedding"], "text.token_embedding"
+    text_tower_root(student).token_embedding = QuantEmbedding(
+        token_embedding, resolved["text.token_embedding"], "text.token_embedding"
     )
     # the new quantizers' buffers are created on the CPU: put them where the weights are
     student.to(next(model.parameters()).device)

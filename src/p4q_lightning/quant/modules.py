@@ -17,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p4q_lightning.quant.qmath import round_clamp
+from p4q_lightning.quant.attention import (
+    AttentionInternals,
+    AttentionLayer,
+    attend,
+    float_attention_layer,
+)
 from p4q_lightning.quant.quantizer import (
     ActivationQuantizer,
     CachedBufferState,
@@ -231,8 +236,10 @@ class QuantMultiheadAttention(nn.Module):
     Its projections are leaves: ``in_proj`` (q/k/v packed, a :class:`QuantLinear` of
     ``embed_dim -> 3 * embed_dim``, group ``attn_qkv``) and ``out_proj`` (group ``attn_out``),
     so other code finds every quantized weight as a linear layer and the int8 path swaps them
-    for integer kernels while this forward stays. The attention itself quantizes q, k, v and
-    the post-softmax probabilities (``attn_internals``). Masks follow
+    for integer kernels (a LoRA wrapper would sit in the ``in_proj`` slot the same way) while
+    this forward stays. The attention itself quantizes q, k, v and the post-softmax
+    probabilities (``attn_internals``); its arithmetic is the one core in
+    :mod:`p4q_lightning.quant.attention`, which the shared-prefix text path calls too. Masks follow
     ``nn.MultiheadAttention``: additive float or boolean (True = masked), 2-D ``[L, S]`` or
     3-D ``[B*heads, L, S]``.
     """
@@ -274,7 +281,7 @@ class QuantMultiheadAttention(nn.Module):
             probs_spec = GroupSpec(a_bits=internals.a_bits, a_observer="minmax")
             self.probs_quantizer = _act_quantizer(probs_spec, 1)
         self.out_proj = QuantLinear.from_float(mha.out_proj, out, f"{tower}.attn_out")
-        self._packed_qkv_params: tuple[tuple[tuple[float, ...], ...], torch.Tensor] | None = None
+        self._packed_qkv: dict[str, Any] = {}  # the core's packed q/k/v parameters
         self.register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     def forward(
@@ -296,44 +303,21 @@ class QuantMultiheadAttention(nn.Module):
         b, length, _ = x.shape
         mask = self._merge_masks(attn_mask, key_padding_mask, b, length, x.dtype)
         dropout = self.dropout if self.training else 0.0
-        if self.internals_quantized:
-            # q, k, v and the probabilities stay as codes; their scales (and 1/sqrt(d)) fold
-            # into the score scale and into the out_proj input.
-            (q, k, v), (s_q, s_k, s_v) = self.heads(x)
-            scores = torch.matmul(q, k.transpose(-2, -1)).mul_(s_q * s_k * self.head_dim**-0.5)
-            if mask is not None:
-                scores = scores.add_(mask)
-            probs, s_p = self.probs_quantizer.centered_codes(scores.softmax(dim=-1))
-            if dropout:
-                probs = F.dropout(probs, dropout)
-            out, out_scale = torch.matmul(probs, v), s_p * s_v
-        else:
-            (q, k, v), _ = self.heads(x)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-            out_scale = 1.0
-        out = self.project_out(out.transpose(1, 2).reshape(b, length, self.embed_dim), out_scale)
+        out, _ = attend(self.attention_layer(), x, mask, dropout=dropout)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def heads(
-        self, x: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[float, float, float]]:
-        """q, k, v of batch-first ``x`` as ``[B, heads, L, head_dim]`` with their scales.
-
-        With quantized internals they are centered codes (value = code * scale); otherwise
-        float values with scale 1. Every step acts per position, so a sequence's q/k/v do not
-        depend on the other sequences or positions it is batched with.
-        """
-        b, length, _ = x.shape
-        qkv = self.in_proj(x)  # whatever layer is there (an int8 one after convert_to_int8)
+    def attention_layer(self) -> AttentionLayer:
+        """This layer as the attention core sees it: whatever sits in the ``in_proj`` and
+        ``out_proj`` slots now (QuantLinear, Int8Linear, or a wrapper such as LoRA) and the
+        internal quantizers (see :mod:`p4q_lightning.quant.attention`)."""
+        internals = None
         if self.internals_quantized:
-            return self._qkv_codes(qkv, b, length)  # type: ignore[return-value]
-        return self._split_heads(qkv, b, length), (1.0, 1.0, 1.0)
-
-    def probs_codes(self, probs: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Quantized attention probabilities as ``(codes, scale)`` ((probs, 1) when float)."""
-        if not self.internals_quantized:
-            return probs, 1.0
-        return self.probs_quantizer.centered_codes(probs)
+            internals = AttentionInternals(
+                self.q_quantizer, self.k_quantizer, self.v_quantizer, self.probs_quantizer
+            )
+        return AttentionLayer(
+            self.num_heads, self.in_proj, self.project_out, internals, self._packed_qkv
+        )
 
     def project_out(self, out: torch.Tensor, out_scale: float) -> torch.Tensor:
         """The output projection of ``out * out_scale`` (heads merged, batch first)."""
@@ -342,54 +326,6 @@ class QuantMultiheadAttention(nn.Module):
             return forward_scaled(out, out_scale)
         # out_proj swapped for another layer (e.g. an int8 export)
         return self.out_proj(out * out_scale if out_scale != 1.0 else out)
-
-    def _split_heads(
-        self, qkv: torch.Tensor, b: int, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[B, L, 3E]`` -> q, k, v as ``[B, heads, L, head_dim]`` views."""
-        q, k, v = qkv.view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
-
-    def _qkv_codes(
-        self, qkv: torch.Tensor, b: int, length: int
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[float, float, float]]:
-        """Centered codes of q, k and v with their scales.
-
-        When all three quantizers are calibrated per-tensor grids (the usual case), the packed
-        ``qkv`` tensor is quantized in one pass with a per-third scale instead of three passes
-        over strided views; the values are identical to three separate calls.
-        """
-        quantizers = (self.q_quantizer, self.k_quantizer, self.v_quantizer)
-        packed = all(
-            isinstance(q, ActivationQuantizer)
-            and q.enabled
-            and q.mode == "quant"
-            and not q.per_channel
-            for q in quantizers
-        )
-        if not packed:
-            pairs = [
-                q.centered_codes(t)
-                for q, t in zip(quantizers, self._split_heads(qkv, b, length), strict=True)
-            ]
-            return tuple(c for c, _ in pairs), tuple(s for _, s in pairs)  # type: ignore[return-value]
-        for q in quantizers:
-            q.check_ready(qkv)
-        params = tuple(q.float_params() for q in quantizers)  # (inv, scale, lo, hi) each
-        hit = self._packed_qkv_params
-        if hit is None or hit[0] != params or hit[1].device != qkv.device:
-            table = torch.tensor(params, dtype=torch.float32, device=qkv.device)  # [3, 4]
-            self._packed_qkv_params = (params, table.view(3, 4, 1, 1))
-        table = self._packed_qkv_params[1]
-        # [B, L, 3, heads, head_dim] against per-third parameters of shape [3, 1, 1]
-        codes = round_clamp(
-            qkv.view(b, length, 3, self.num_heads, self.head_dim),
-            table[:, 0],
-            table[:, 2],
-            table[:, 3],
-        )
-        q, k, v = codes.permute(2, 0, 3, 1, 4)
-        return (q, k, v), (params[0][1], params[1][1], params[2][1])
 
     def _merge_masks(
         self,
@@ -415,6 +351,29 @@ class QuantMultiheadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, heads={self.num_heads}, "
             f"internals_quantized={self.internals_quantized}"
         )
+
+
+def attention_layer(attn: nn.Module) -> AttentionLayer:
+    """The attention core's view of ``attn``: our quantized attention, or a float
+    ``nn.MultiheadAttention`` with a packed q/k/v weight (e.g. the teacher's)."""
+    if isinstance(attn, QuantMultiheadAttention):
+        return attn.attention_layer()
+    if isinstance(attn, nn.MultiheadAttention):
+        return float_attention_layer(attn)
+    raise TypeError(f"{type(attn).__name__} is not a supported self-attention layer")
+
+
+def runs_on_the_core(attn: nn.Module, training: bool) -> bool:
+    """Whether :func:`attention_layer` can describe ``attn`` with nothing left out: our
+    attention, or a float ``nn.MultiheadAttention`` with one packed q/k/v weight and no
+    extra key/value bias; in training mode only without attention dropout."""
+    if training and getattr(attn, "dropout", 0.0):
+        return False
+    if isinstance(attn, QuantMultiheadAttention):
+        return True
+    if isinstance(attn, nn.MultiheadAttention):
+        return attn.in_proj_weight is not None and attn.bias_k is None
+    return False
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
