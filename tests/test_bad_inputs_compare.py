@@ -139,7 +139,8 @@ def test_one_spelling_of_the_synthetic_world_everywhere(tmp_path, spelling, data
     assert names == {"synthetic-0"}
     assert directory.relative_to(tmp_path / "runs").parts[0] == "synthetic-0"
     assert ident.wandb_group.startswith("synthetic-0-") and "synthetic-0" in ident.wandb_tags
-    assert "synthetic-0 |" in (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text()
+    assert "| synthetic-0 | ViT-B-32 |" in table and "test set" not in table  # one spelling
 
 
 def test_a_dataset_without_a_saved_config_is_named_as_its_run_directory(tmp_path):
