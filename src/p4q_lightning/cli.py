@@ -3,16 +3,19 @@
 ``p4q --help`` lists every command and ``--version`` answers without importing torch.
 ``fit``/``validate``/``test``/``predict`` (and ``--print_config``) are LightningCLI over
 :class:`~p4q_lightning.module.P4QModule` and any LightningDataModule (``data.class_path``).
-``export``, ``compare`` and ``demo`` dispatch to ``p4q_lightning.commands.<name>.main(argv)``,
-which receives the arguments after the sub-command name.
+``export``, ``compare``, ``demo`` and ``import-official`` dispatch to
+``p4q_lightning.commands.<name>.main(argv)`` (``-`` read as ``_``), which receives the arguments
+after the sub-command name.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +24,7 @@ from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("export", "compare", "demo")
+SUBCOMMANDS = ("export", "compare", "demo", "import-official")
 # every command, in the order the overview lists them, with its one-line summary
 COMMANDS = {
     "fit": "train (LightningCLI): fit --config experiments/vitb32_4bit.yaml",
@@ -31,6 +34,7 @@ COMMANDS = {
     "export": "write the low-bit model file from a checkpoint (p4q export CKPT --verify)",
     "compare": "gather run directories into one table (mean ± std over seeds) and a plot",
     "demo": "the embedded CPU demo: P4Q / PTQ / CoOp on a synthetic world",
+    "import-official": "the official P4Q release (--prompt P.pth --adapter A.pth) as a checkpoint",
 }
 HELP_FLAGS = ("-h", "--help")
 
@@ -46,7 +50,7 @@ def _overview() -> argparse.ArgumentParser:
         description="P4Q (Prompt for Quantization) for low-bit open_clip CLIP on PyTorch "
         "Lightning.",
         epilog="commands:\n"
-        + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+        + "\n".join(f"  {name:<16} {text}" for name, text in COMMANDS.items())
         + "\n\n`p4q COMMAND --help` lists the command's own arguments.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -78,7 +82,7 @@ def _log_to_console() -> None:
 
 
 def _dispatch(name: str, argv: list[str]) -> int | None:
-    module_name = f"p4q_lightning.commands.{name}"
+    module_name = f"p4q_lightning.commands.{name.replace('-', '_')}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -91,14 +95,19 @@ def _dispatch(name: str, argv: list[str]) -> int | None:
     return module.main(argv)
 
 
-def cli_main(args: Sequence[str] | None = None, run: bool = True, **kwargs):  # type: ignore[no-untyped-def]
-    """Build the LightningCLI (``run=False`` parses and instantiates without running)."""
+def cli_main(  # type: ignore[no-untyped-def]
+    args: Sequence[str] | None = None, run: bool = True, cli_class: type | None = None, **kwargs
+):
+    """Build the LightningCLI (``run=False`` parses and instantiates without running;
+    ``cli_class``: a subclass of ``P4QCLI``)."""
     from lightning.pytorch import LightningDataModule
 
     from p4q_lightning.module import P4QModule
     from p4q_lightning.run_cli import P4QCLI, RunConfigCallback
 
-    return P4QCLI(
+    # a bad option raises (one `error:` line from main) instead of printing 90 lines of usage
+    kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+    return (cli_class or P4QCLI)(
         P4QModule,
         LightningDataModule,
         subclass_mode_data=True,
@@ -116,12 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int | None:
 
     A failure is one line on stderr and exit status 1; ``P4Q_DEBUG=1`` shows the traceback.
     """
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
     except Exception as err:  # KeyboardInterrupt and SystemExit pass through
         if debug_requested():
             raise
-        sys.stderr.write(f"error: {one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n")
+        text = option_error(err, args) if isinstance(err, argparse.ArgumentError) else None
+        sys.stderr.write(f"error: {text or one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)\n")
         return 1
 
 
@@ -140,6 +151,77 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, (KeyError, AttributeError, TypeError, IndexError)):
         text = f"{type(err).__name__}: {text}"
     return text
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config", "-c")]
+    return files + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+
+def _known_options() -> list[str]:
+    """Dotted names of the model's and trainer's options, for "did you mean" hints."""
+    import dataclasses
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from p4q_lightning.module import P4QModule
+
+    names = []
+    for name, param in inspect.signature(P4QModule.__init__).parameters.items():
+        names.append(f"model.{name}")
+        if dataclasses.is_dataclass(param.default):
+            names += [f"model.{name}.{f.name}" for f in dataclasses.fields(param.default)]
+    names += [f"trainer.{n}" for n in inspect.signature(Trainer.__init__).parameters]
+    return names
+
+
+def option_error(err: BaseException, args: Sequence[str]) -> str | None:
+    """One line for a jsonargparse error (YAML syntax, an unknown or mistyped option, a class
+    path that does not import), naming the option, the config file it came from and the fix;
+    None when the message has another shape."""
+    text = " ".join(str(err).split())
+    files = _config_files(args)
+    where = f" in {', '.join(files)}" if files else ""
+    command = next((a for a in args if not a.startswith("-")), "fit")
+    help_hint = f"`p4q {command} --help` lists every option"
+    flags = {a.lstrip("-").split("=", 1)[0].replace(".init_args.", ".") for a in args}
+    if text.startswith("Problems parsing config"):
+        detail = text.split(":", 1)[1].strip().replace('in "<unicode string>", ', "")
+        return f"{', '.join(files) or 'the config'} is not valid YAML ({detail}); fix its syntax"
+    unknown = re.search(r"(?:does not accept options? '?|unrecognized arguments: )([^' ]+)", text)
+    if unknown:
+        key = unknown.group(1).lstrip("-")
+        close = difflib.get_close_matches(key, _known_options(), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return (
+            f"unknown option {key}{'' if key in flags else where}{hint}; remove or rename it "
+            f"({help_hint})"
+        )
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    if not keys or keys[0] == "config":
+        return None
+    inner = re.search(
+        r"Problem with given class_path '([^']+)': (.*?)(?: - Expected a <class 'NoneType'>|$)",
+        text,
+    )
+    detail = inner.group(2) if inner else text
+    expected = list(dict.fromkeys(re.findall(r"Expected a <class '([\w.]+)'>", detail)))
+    given = re.search(r"(?:Got value|Given value): (.+?)(?: - |$)", detail)
+    key = ".".join(keys) if not inner else ".init_args.".join([keys[0], ".".join(keys[1:])])
+    if inner and len(keys) == 1:  # the class itself: a typo in the class path
+        return (
+            f"{keys[0]}.class_path {inner.group(1)!r} cannot be used ({inner.group(2).strip()})"
+            f"{where}; check the module and class name"
+        )
+    if expected and given:
+        wanted = [t for t in expected if t != "NoneType"] or expected
+        shown = key.replace(".init_args.", ".")
+        return (
+            f"option {key} must be {' or '.join(wanted)}, got {given.group(1)}"
+            f"{'' if shown in flags else where}; fix the value ({help_hint})"
+        )
+    return None
 
 
 def refuse_moved_options(args: Sequence[str]) -> None:

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from p4q_lightning import rundir
 from p4q_lightning.callbacks.predictions import PredictionWriter
+from p4q_lightning.training.checkpointing import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,27 @@ def _fill_wandb(
         args["id"] = rundir.wandb_run_id(directory, create=create)
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"prompt": {"n_ctx": 4}}`` -> ``{"prompt.n_ctx": 4}``."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _model_flags(args: Sequence[str]) -> list[str]:
+    """The model options given as command-line flags (``--model.quant w8a8`` -> ``quant``)."""
+    return [
+        arg.removeprefix("--model.").split("=", 1)[0]
+        for arg in args
+        if isinstance(arg, str) and arg.startswith("--model.")
+    ]
+
+
 def _fill_preprocess(cfg: Namespace) -> None:
     """Unset data image_size/mean/std/interpolation come from the model's preprocessing config,
     so a SigLIP or a 336-pixel model is fed what it was trained on."""
@@ -102,10 +129,88 @@ class RunConfigCallback(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
+# Lightning's W&B logger under the names a config may give it
+LIGHTNING_WANDB = {
+    f"{package}.loggers{module}.WandbLogger"
+    for package in ("lightning.pytorch", "pytorch_lightning")
+    for module in ("", ".wandb")
+}
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger`` without its deprecated ``anonymous`` argument, which it
+    always passes to ``wandb.init`` (as None) and which makes W&B warn "The anonymous setting
+    has no effect" on every run. The command line uses it wherever a config names Lightning's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+
+
+class TrainedMarker(Callback):
+    """Marks the run directory once the fit completes its first training step (first rank
+    only), so a fit that fails before that does not block its own rerun."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.marked = False
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if not self.marked and trainer.is_global_zero:
+            rundir.mark_trained(self.directory)
+        self.marked = True
+
+
 class P4QCLI(LightningCLI):
     """LightningCLI over P4QModule with run directories (see the module docstring)."""
 
     run_directory: Path | None = None
+    _requested_model: dict[str, Any] | None = None
+    _model_flags: list[str] = []
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, and keep the model options as asked for: with ``--ckpt_path FILE``, LightningCLI
+        then replaces them with the checkpoint's (see :meth:`_check_checkpoint_settings`)."""
+        super().parse_arguments(parser, args)
+        given = args if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
+        self._model_flags = _model_flags(given)
+        sub = self.config.get("subcommand")
+        model = (self.config[sub] if sub else self.config).get("model")
+        self._requested_model = _flat(model) if model is not None else None
+
+    def _check_checkpoint_settings(self, cfg: Namespace) -> None:
+        """A model flag that the loaded checkpoint's settings overrule is refused in one line;
+        config-file values the checkpoint overrules are named in one warning."""
+        if self._requested_model is None or cfg.get("model") is None:
+            return
+        now = _flat(cfg.model)
+        changed = sorted(
+            k
+            for k in set(now) | set(self._requested_model)
+            if now.get(k) != self._requested_model.get(k)
+        )
+        if not changed:
+            return
+        ckpt = cfg.get("ckpt_path")
+
+        def shown(key: str) -> str:
+            return f"model.{key}={self._requested_model.get(key)!r} (checkpoint: {now.get(key)!r})"
+
+        flagged = [
+            k for k in changed if any(k == f or k.startswith(f + ".") for f in self._model_flags)
+        ]
+        if flagged:
+            raise ValueError(
+                f"{', '.join(shown(k) for k in flagged[:4])} conflicts with --ckpt_path {ckpt}: "
+                "a checkpoint's model settings are the ones it was trained with and win, so the "
+                "flag would be ignored; drop it, or fit a new run with it"
+            )
+        log.warning(
+            "using the model settings of %s, not the config's: %s%s",
+            ckpt,
+            ", ".join(shown(k) for k in changed[:4]),
+            ", ..." if len(changed) > 4 else "",
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -127,6 +232,7 @@ class P4QCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._section()
+        self._check_checkpoint_settings(cfg)
         plain = cfg.as_dict()
         directory = rundir.run_directory(plain, cfg.get("run_dir"))
         first_rank = rank_zero_only.rank == 0  # other DDP ranks re-run this: they only read
@@ -146,6 +252,8 @@ class P4QCLI(LightningCLI):
             if "save_dir" in args and args.get("save_dir") in UNSET_DIRS:
                 args.save_dir = str(directory)
             if _is_wandb(logger):
+                if logger.class_path in LIGHTNING_WANDB:
+                    logger.class_path = f"{WandbLogger.__module__}.{WandbLogger.__name__}"
                 _fill_wandb(
                     args,
                     ident,
@@ -165,12 +273,17 @@ class P4QCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         assert self.run_directory is not None
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
+            strategy.checkpoint_io = AtomicCheckpointIO()
         checkpoints = os.path.realpath(self.run_directory / "checkpoints")
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = checkpoints
                 if callback.save_last is None:
                     callback.save_last = True  # `--ckpt_path last` (resume, test) finds it
+        if self.subcommand in (None, "fit"):
+            self.trainer.callbacks.append(TrainedMarker(self.run_directory))
         if self.subcommand == "predict" and not any(
             isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks
         ):

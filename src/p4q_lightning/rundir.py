@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from p4q_lightning.methods import METHODS
+from p4q_lightning.synthetic_name import SYNTHETIC, synthetic_world_seed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs"
 WANDB_ID_FILE = "wandb_id"
 FIT_CONFIG = "config.yaml"
+# written when a fit completes its first training step: from then on the directory holds a run
+TRAINED_MARKER = "trained"
 # what a run writes into its directory; `--overwrite true` removes exactly these
 RUN_ARTEFACTS = (
     FIT_CONFIG,
@@ -33,7 +36,10 @@ RUN_ARTEFACTS = (
     "model-lowbit.safetensors",
     "predictions.csv",
     WANDB_ID_FILE,
+    TRAINED_MARKER,
 )
+# what only a run that got somewhere writes (a fit that failed before its first step writes none)
+RESULT_ARTEFACTS = ("comparison", "model-lowbit.safetensors", "predictions.csv", TRAINED_MARKER)
 
 
 def slug(text: Any) -> str:
@@ -100,11 +106,27 @@ def _data_args(data: Any) -> dict[str, Any]:
     return {}
 
 
+def dataset_label(dataset: Any, world_seed: int | None = None) -> str:
+    """The one name of a dataset in run directories, W&B and ``p4q compare``: its slug, and
+    ``synthetic-<world seed>`` for the synthetic world however the config spells it
+    (``synthetic:0``, or ``synthetic`` with ``synthetic.world_seed: 0``)."""
+    text = str(dataset)
+    try:
+        seed = synthetic_world_seed(text, default=world_seed or 0)
+    except ValueError:  # a malformed synthetic name: the datamodule reports it
+        seed = None
+    return slug(f"{SYNTHETIC}-{seed}") if seed is not None else slug(text)
+
+
 def _dataset(data: Any) -> str:
     args = _data_args(data)
     half = args.get("subsample_classes")  # a base-to-novel run is another experiment
     suffix = f"-{half}" if half in ("base", "new") else ""
-    for key in ("dataset", "root", "data_dir"):
+    if args.get("dataset"):
+        synthetic = args.get("synthetic")
+        seed = synthetic.get("world_seed") if isinstance(synthetic, Mapping) else None
+        return dataset_label(args["dataset"], seed) + suffix
+    for key in ("root", "data_dir"):
         if args.get(key):
             return slug(args[key]) + suffix
     class_path = data.get("class_path", "") if isinstance(data, Mapping) else ""
@@ -152,6 +174,22 @@ def previous_run(directory: Path) -> list[str]:
     return sorted(name for name in RUN_ARTEFACTS if (directory / name).exists())
 
 
+def got_anywhere(directory: Path, checkpoint_dirs: Sequence[Path] = ()) -> bool:
+    """Whether the run in ``directory`` completed a training step or wrote a result (a
+    checkpoint, comparison, export or predictions); a fit that failed before its first step
+    leaves only its config and W&B id, which do not make a run."""
+    dirs = [directory / "checkpoints", *checkpoint_dirs]
+    return any((directory / name).exists() for name in RESULT_ARTEFACTS) or any(
+        any(Path(d).glob("*.ckpt")) for d in dirs
+    )
+
+
+def mark_trained(directory: Path) -> None:
+    """Record that a fit in ``directory`` completed a training step."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / TRAINED_MARKER).write_text("a fit completed a training step here\n")
+
+
 class RunExistsError(RuntimeError):
     """``fit`` into a directory that already holds a run, without resume or overwrite."""
 
@@ -167,6 +205,14 @@ def prepare_fit(
     the run's own ``checkpoints/``."""
     found = previous_run(directory)
     if not found:
+        return
+    if not got_anywhere(directory, checkpoint_dirs):
+        log.warning(
+            "%s holds only the %s of a fit that never completed a training step: starting it again",
+            directory,
+            " and ".join(found),
+        )
+        _remove(directory, found)
         return
     dirs = [directory / "checkpoints", *checkpoint_dirs]
     if ckpt_path == "last" and not any(list(Path(d).glob("last*.ckpt")) for d in dirs):
@@ -184,7 +230,11 @@ def prepare_fit(
             "(or `--run_dir`) to start another"
         )
     log.warning("--overwrite: removing the previous run's %s from %s", ", ".join(found), directory)
-    for name in found:
+    _remove(directory, found)
+
+
+def _remove(directory: Path, names: Sequence[str]) -> None:
+    for name in names:
         path = directory / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from filelock import FileLock
+from safetensors.torch import save_file
 
 from p4q_lightning.demo import teacher
 from p4q_lightning.demo.teacher import PretrainConfig, ensure_teacher_checkpoint
@@ -65,7 +66,7 @@ def test_waiting_for_another_process_is_announced(tmp_path, caplog):
                 break
             worker.join(0.05)
         # the "other process" finishes: its file appears, then it releases the lock
-        (tmp_path / f"{stem}.safetensors").write_bytes(b"teacher")
+        save_file({"w": torch.zeros(1)}, str(tmp_path / f"{stem}.safetensors"))
     worker.join(10)
     assert "waiting for another process to finish pretraining" in caplog.text
     assert result["path"] == tmp_path / f"{stem}.safetensors"

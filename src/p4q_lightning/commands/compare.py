@@ -10,6 +10,12 @@ generalisation, cross-dataset, base-to-novel) give a row per test set; base-to-n
 get ``hm``, the harmonic mean of the mean base and mean new accuracy (CoCoOp's H). Writes
 ``sweep.csv`` (one row per test set, method, bits and seed), ``summary.csv``, ``summary.md`` and
 ``sweep.png``, and prints the markdown table.
+
+Trained runs are never merged: runs of one method and bits whose saved configs differ in a
+setting (a learning rate, the epochs, ...) form their own groups, the setting shown beside the
+method; two runs that differ in nothing but their directory are duplicates and are reported in
+one warning line (the first named counts). The dataset is named as in the run directories
+(``synthetic-0``, ``imagenet-1k``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from p4q_lightning.files import atomic_write, write_csv
+from p4q_lightning.rundir import FIT_CONFIG, dataset_label, identity
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,7 @@ RAW_COLUMNS = [
     "experiment_shots",
     "seed",
     "method",
+    "setting",
     "bits",
     "w_bits",
     "a_bits",
@@ -52,6 +60,7 @@ SUMMARY_COLUMNS = [
     "model",
     "experiment_shots",
     "method",
+    "setting",
     "bits",
     "w_bits",
     "shots",
@@ -64,6 +73,35 @@ SUMMARY_COLUMNS = [
 ]
 METHOD_ORDER = {"fp32 zero-shot": 0, "coop": 1, "ptq": 2, "p4q": 3}
 BASE, NEW, HM = "base", "new", "hm"
+# rows every run of a seed reports alike, counted once per experiment, bits and seed
+# (ComparisonCallback's FP_METHOD and PTQ_METHOD; not imported, to keep this command light)
+BASELINES = ("fp32 zero-shot", "ptq")
+# what a run's identity already names, or what cannot change its result: never a "setting"
+SEED_KEYS = ("seed_everything", "data.seed")
+NEUTRAL_KEYS = (
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.split_dir",
+    "data.hub.cache_dir",
+    "model.features.cache_dir",
+    "model.prompt.chunk_size",
+    "model.prompt.checkpointing",
+)
+# the trainer options that change what is trained (devices, loggers, paths do not)
+TRAINER_KEYS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "limit_train_batches",
+    "accumulate_grad_batches",
+    "precision",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+)
+# written by `p4q import-official` into its run directory: where the weights came from
+ORIGIN_FILE = "imported.json"
 
 
 def _expand(arg: str) -> list[Path]:
@@ -94,15 +132,79 @@ def find_results(args: Iterable[str]) -> tuple[list[Path], list[str]]:
     return list(unique.values()), skipped
 
 
+def _run_dir(path: Path) -> Path:
+    return path.parent.parent if path.parent.name == "comparison" else path.parent
+
+
 def _run_name(path: Path) -> str:
-    run = path.parent.parent if path.parent.name == "comparison" else path.parent
-    return str(run)
+    return str(_run_dir(path))
 
 
-def load_rows(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every comparison row, tagged with its run's experiment; unreadable files are returned."""
+def _flatten(value: Any, prefix: str) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: json.dumps(value, sort_keys=True) if isinstance(value, list) else str(value)}
+
+
+def run_config(run: Path) -> dict[str, Any] | None:
+    """The run's saved LightningCLI config (the fit's ``config.yaml``, else an evaluation's
+    ``config-<stage>.yaml``), or None."""
+    import yaml
+
+    candidates = [run / FIT_CONFIG, *sorted(run.glob("config-*.yaml"))]
+    for path in candidates:
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, ValueError):  # yaml.YAMLError is a ValueError
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
+
+
+def run_settings(run: Path, config: dict[str, Any] | None) -> dict[str, str] | None:
+    """The settings that make a run what it is, flat (``model.optim.prompt_lr``), or None when
+    the run directory saved no config."""
+    if config is None:
+        return None
+    data = config.get("data") or {}
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        data = {"class_path": data.get("class_path"), **data["init_args"]}
+    trainer = config.get("trainer") or {}
+    settings = {
+        **_flatten(config.get("model") or {}, "model"),
+        **_flatten(data, "data"),
+        **{f"trainer.{k}": str(trainer.get(k)) for k in TRAINER_KEYS if k in trainer},
+    }
+    try:
+        origin = json.loads((run / ORIGIN_FILE).read_text())
+    except (OSError, ValueError):
+        origin = None
+    if isinstance(origin, dict) and origin.get("origin"):
+        settings["origin"] = str(origin["origin"])
+    return {k: v for k, v in settings.items() if k not in SEED_KEYS + NEUTRAL_KEYS}
+
+
+def _dataset_name(run: dict[str, Any], config: dict[str, Any] | None) -> str:
+    """The dataset as the run directory names it (``synthetic-0``, ``imagenet-1k``)."""
+    if config is not None and config.get("data"):
+        return identity(config).dataset
+    half = run.get("subsample_classes")
+    suffix = f"-{half}" if half in (BASE, NEW) else ""
+    return dataset_label(run.get("dataset") or "unknown") + suffix
+
+
+def load_rows(
+    files: Iterable[Path],
+) -> tuple[list[dict[str, Any]], list[str], dict[str, dict[str, str] | None]]:
+    """Every comparison row, tagged with its run's experiment; the unreadable files; each run's
+    settings (None: no saved config)."""
     rows: list[dict[str, Any]] = []
     bad: list[str] = []
+    settings: dict[str, dict[str, str] | None] = {}
     for f in files:
         try:
             payload = json.loads(f.read_text())
@@ -113,39 +215,91 @@ def load_rows(files: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]]:
         shots = run.get("shots")
         if shots is None:  # older files: the trained row carries the run's shots
             shots = max((int(r.get("shots") or 0) for r in run_rows), default=0)
+        config = run_config(_run_dir(f))
+        name = _run_name(f)
+        settings[name] = run_settings(_run_dir(f), config)
         own = run_rows[0].get("test_set") if run_rows else None
+        raw = run.get("dataset")
         for r in run_rows:
             if r.get("test_set") == HM:  # recomputed from the mean base and new accuracy
                 continue
-            test_set = r.get("test_set") or run.get("dataset")  # older files: one test set
+            test_set = r.get("test_set") or raw  # older files: one test set
+            if raw is not None and test_set == raw:  # the run's own, spelt as everywhere
+                test_set = dataset_label(raw)
             rows.append(
                 {
-                    "run": _run_name(f),
-                    "dataset": run.get("dataset"),
+                    "run": name,
+                    "dataset": _dataset_name(run, config),
                     "model": run.get("model"),
                     "experiment_shots": shots,
                     "seed": run.get("seed"),
+                    "setting": "",
                     **r,
                     "test_set": test_set,
                     "own_test_set": own is None or r.get("test_set") == own,
                 }
             )
-    return rows, bad
+    return rows, bad, settings
 
 
-KEY = ("dataset", "model", "experiment_shots", "test_set", "method", "bits")
+KEY = ("dataset", "model", "experiment_shots", "test_set", "method", "bits", "setting")
 
 
 def _key(r: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(r[k]) for k in KEY)
 
 
-def dedupe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per experiment, method, bits and seed: a baseline every run reports counts once."""
-    unique: dict[tuple[str, ...], dict[str, Any]] = {}
+def _label_settings(rows: list[dict[str, Any]], settings: dict[str, dict[str, str] | None]) -> None:
+    """Name, on each trained row, the settings in which its run differs from the other runs of
+    the same experiment, method and bits (seeds aside)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        unique.setdefault((*_key(r), str(r["seed"])), r)
-    return list(unique.values())
+        if r["method"] not in BASELINES:
+            groups.setdefault(_key(r), []).append(r)
+    for members in groups.values():
+        known = {r["run"]: settings.get(r["run"]) for r in members}
+        configs = [s for s in known.values() if s is not None]
+        keys = sorted({k for s in configs for k in s})
+        differing = [k for k in keys if len({s.get(k) for s in configs}) > 1]
+        for r in members:
+            own = known[r["run"]]
+            if own is not None and differing:
+                r["setting"] = ", ".join(
+                    f"{k.split('.', 1)[-1]}={own.get(k, 'unset')}" for k in differing
+                )
+
+
+def dedupe(
+    rows: list[dict[str, Any]], settings: dict[str, dict[str, str] | None] | None = None
+) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Baselines count once per experiment, test set, bits and seed; trained runs that differ in
+    a setting stay apart (their ``setting`` names it). Returns the rows and the groups of runs
+    that are duplicates of one another (the first named counts); a run without a saved config
+    is told apart by its directory."""
+    settings = settings or {}
+    _label_settings(rows, settings)
+    seen: dict[tuple[str, ...], dict[str, Any]] = {}
+    duplicates: dict[str, list[str]] = {}  # first run -> the runs that repeat it
+    kept: list[dict[str, Any]] = []
+    for r in rows:
+        key = (*_key(r), str(r["seed"]))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = r
+            kept.append(r)
+            continue
+        if r["method"] in BASELINES or r["run"] == first["run"]:
+            continue
+        if settings.get(r["run"]) is None or settings.get(first["run"]) is None:
+            r["setting"] = f"run={r['run']}"  # nothing says they are the same: keep both
+            first["setting"] = first["setting"] or f"run={first['run']}"
+            seen[(*_key(r), str(r["seed"]))] = r
+            kept.append(r)
+            continue
+        group = duplicates.setdefault(first["run"], [first["run"]])
+        if r["run"] not in group:  # once, however many test sets the runs share
+            group.append(r["run"])
+    return kept, list(duplicates.values())
 
 
 def _std(values: list[float]) -> float:
@@ -166,6 +320,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 **{k: first[k] for k in ("dataset", "model", "experiment_shots", "test_set")},
                 **{k: first[k] for k in ("method", "bits", "w_bits", "shots", "size_mb")},
+                "setting": first.get("setting", ""),
                 "seeds": len(rs),
                 "top1": statistics.fmean(top1),
                 "top1_std": _std(top1),
@@ -185,6 +340,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             -int(r["w_bits"] or 32),
             METHOD_ORDER.get(r["method"], 9),
             int(r["shots"] or 0),
+            str(r.get("setting", "")),
         )
     )
     return out
@@ -218,6 +374,11 @@ def harmonic_means(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def method_label(r: dict[str, Any]) -> str:
+    """The method, with the setting that tells its group apart (``p4q [optim.prompt_lr=0.01]``)."""
+    return f"{r['method']} [{r['setting']}]" if r.get("setting") else str(r["method"])
+
+
 def _pct(mean: float, std: float | None, n: int) -> str:
     if std is None or n < 2:
         return f"{100 * mean:.2f}"
@@ -236,7 +397,8 @@ def markdown(summary: list[dict[str, Any]]) -> str:
     for r in summary:
         cell = f"{r['test_set']} | " if several else ""
         lines.append(
-            f"| {r['dataset']} | {cell}{r['model']} | {r['experiment_shots']} | {r['method']} | "
+            f"| {r['dataset']} | {cell}{r['model']} | {r['experiment_shots']} | "
+            f"{method_label(r)} | "
             f"{r['bits']} | {r['seeds']} | {_pct(r['top1'], r['top1_std'], r['seeds'])} | "
             f"{_pct(r['top5'], r['top5_std'], r['seeds'])} | {float(r['size_mb']):.2f} |"
         )
@@ -253,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("p4q-compare"), help="output directory")
     args = parser.parse_args(argv)
     files, skipped = find_results(args.runs)
-    rows, bad = load_rows(files)
+    rows, bad, settings = load_rows(files)
     skipped = list(dict.fromkeys(skipped + bad))  # a path named twice is reported once
     if skipped:
         log.warning(
@@ -266,7 +428,14 @@ def main(argv: list[str] | None = None) -> int:
             f"no {RESULT_FILE} under the given paths: run `lightning test` (or fit) with "
             "ComparisonCallback first"
         )
-    rows = dedupe(rows)
+    rows, duplicates = dedupe(rows, settings)
+    if duplicates:
+        log.warning(
+            "p4q compare: %d run(s) repeat another run's settings and seed, counted once: %s",
+            sum(len(group) - 1 for group in duplicates),
+            "; ".join(f"{', '.join(group[1:])} (same as {group[0]})" for group in duplicates[:5])
+            + ("; ..." if len(duplicates) > 5 else ""),
+        )
     summary = summarize(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(summary)
@@ -277,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     from p4q_lightning.plots import accuracy_vs_bits_and_shots
 
     own = [r for r in summary if r.get("own_test_set", True)]  # one test set per experiment
-    accuracy_vs_bits_and_shots(own, args.out / "sweep.png")
+    plotted = [{**r, "method": method_label(r)} for r in own]
+    accuracy_vs_bits_and_shots(plotted, args.out / "sweep.png")
     runs = len(files) - len(bad)
     sys.stdout.write(f"{runs} runs, {len(rows)} rows (mean ± std over seeds)\n\n{table}")
     written = ", ".join(str(args.out / n) for n in ("sweep.csv", "summary.csv", "summary.md"))

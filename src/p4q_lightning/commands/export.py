@@ -41,6 +41,9 @@ def check_checkpoint(path: Path) -> dict:
             f"{path} is a torch file but not a Lightning checkpoint of a P4QModule (no "
             "state_dict/hyper_parameters); pass the .ckpt file a fit wrote"
         )
+    from p4q_lightning.training.checkpointing import check_finite
+
+    check_finite(ckpt["state_dict"], str(path))  # before the model is rebuilt
     return ckpt
 
 

@@ -169,7 +169,15 @@ def write_split(path: Path, split: dict[str, Any]) -> None:
 
 def read_split(path: Path, source: ImageSource, shots: int, seed: int) -> dict[str, Any]:
     """Read a split file and check it belongs to this dataset, shots and seed."""
-    split = json.loads(path.read_text())
+    try:
+        split = json.loads(path.read_text())
+        if not isinstance(split, dict):
+            raise ValueError(f"a JSON {type(split).__name__}, not an object")
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(
+            f"split file {path} is damaged ({err}; cut short or edited?): delete it and the "
+            "split is drawn again (the same seed draws the same images)"
+        ) from err
     expected = {
         "format": SPLIT_FORMAT,
         "shots": shots,

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from p4q_lightning.data.catalog import DEFAULT_TEMPLATES, folder_to_classname, known_hub_dataset
-from p4q_lightning.data.sources import ImageSource, decode_image
+from p4q_lightning.data.sources import ImageSource, decode_image, require_classes
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,11 @@ class HubSource(ImageSource):
         }
         self._fingerprint = f"{getattr(dsd[train], '_fingerprint', '')}-{len(dsd[train])}"
         self.classnames = self._classnames(features[self.label_column], known)
+        require_classes(
+            self.classnames,
+            f"the Hugging Face dataset {spec}",
+            f"check label_column ({self.label_column!r}) and the dataset",
+        )
         self.templates = list(known.templates) if known else list(DEFAULT_TEMPLATES)
         log.info(
             "HF dataset %s: %d classes, splits %s",
@@ -169,7 +174,7 @@ class HubSource(ImageSource):
             raise RuntimeError(
                 f"could not load the Hugging Face dataset {spec!r}"
                 f"{f' (data_dir={data_dir!r})' if data_dir else ''}: {type(err).__name__}: {err}. "
-                "Check the hub id (e.g. ILSVRC/imagenet-1k, which needs `huggingface-cli login` "
+                "Check the hub id (e.g. ILSVRC/imagenet-1k, which needs `hf auth login` "
                 "and accepted terms; uoft-cs/cifar10; uoft-cs/cifar100), download it once while "
                 "online (then HF_DATASETS_OFFLINE=1 works), or pass a local folder or a saved "
                 "dataset"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -32,17 +33,68 @@ class CorruptImageError(RuntimeError):
     """An image that cannot be decoded; the message names the file."""
 
 
+class UnsupportedImageError(CorruptImageError):
+    """A readable image whose pixel values have no 8-bit meaning (e.g. 32-bit integers)."""
+
+
+# PIL modes of one channel with more than 8 bits: ``convert("RGB")`` clips them at 255 instead
+# of scaling, so a 16-bit PNG would become a white image.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_WIDE_MODES = (*_SIXTEEN_BIT_MODES, "I", "F")
+
+
+def to_rgb(img: Image.Image, name: str) -> Image.Image:
+    """``img`` as 8-bit RGB, with high-bit-depth grey levels scaled rather than clipped.
+
+    16-bit modes (``I;16*``, and ``I``, which PIL uses for 16-bit PGM and 32-bit TIFF files)
+    are divided by 257 (65535 -> 255); float images (``F``) must lie in [0, 1] and are
+    multiplied by 255. Values outside those ranges have no 8-bit reading and raise
+    :class:`UnsupportedImageError`. 16-bit RGB(A) PNGs already arrive as 8-bit ``RGB(A)``.
+    """
+    if img.mode not in _WIDE_MODES:
+        return img.convert("RGB")
+    values = np.asarray(img, dtype=np.float64)
+    finite = np.isfinite(values).all()
+    low = float(values.min()) if values.size and finite else 0.0
+    high = float(values.max()) if values.size and finite else 0.0
+    if img.mode == "F":
+        fits, top, expected = finite and low >= 0.0 and high <= 1.0, 1.0, "[0, 1]"
+    else:
+        fits, top, expected = low >= 0 and high <= 65535, 65535.0, "0..65535 (16 bits)"
+    if not fits:
+        shown = f"[{low:g}, {high:g}]" if finite else "non-finite values"
+        raise UnsupportedImageError(
+            f"image {name} has {img.mode!r} pixels with {shown}, outside {expected}, so they "
+            f"have no 8-bit RGB reading; convert the file to 8-bit (PNG or JPEG), or {SKIP_HINT}"
+        )
+    grey = np.rint(values * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
 def decode_image(data: str | os.PathLike[str] | bytes, name: str) -> Image.Image:
-    """Open a file path or encoded bytes as an RGB PIL image, or raise ``CorruptImageError``."""
+    """Open a file path or encoded bytes as an 8-bit RGB PIL image (high-bit-depth images
+    scaled by :func:`to_rgb`), or raise ``CorruptImageError``."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img, name)
+    except UnsupportedImageError:
+        raise
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
         raise CorruptImageError(
             f"cannot read image {name}: {type(err).__name__}: {err}. Replace or delete the file, "
             f"or {SKIP_HINT}"
         ) from err
+
+
+def require_classes(classnames: Sequence[str], what: str, fix: str) -> None:
+    """Refuse a dataset of fewer than two classes before anything starts (a classifier of one
+    class fails deep inside the metrics, after the logger has started)."""
+    if len(classnames) < 2:
+        found = f"only the class {classnames[0]!r}" if classnames else "no class"
+        raise ValueError(
+            f"{what} has {found}, but classification needs at least two classes; {fix}"
+        )
 
 
 class ImageSource(ABC):
@@ -115,6 +167,12 @@ class FolderSource(ImageSource):
                 f"no class folders in {train_dir}: expected {train_dir}/<class>/<image files> "
                 "(for ImageNet: train/<wnid>/*.JPEG and val/<wnid>/*)"
             )
+        require_classes(
+            self.class_folders,
+            f"the image folder {train_dir}",
+            "point data.init_args.dataset at the folder that holds one sub-folder per class "
+            f"({train_dir}/<class>/<images>), with at least two of them",
+        )
         self.classnames = wnid_to_classname(self.class_folders) or [
             folder_to_classname(f) for f in self.class_folders
         ]

@@ -117,10 +117,10 @@ def ensure_teacher_checkpoint(
     stem = f"{MODEL_NAME}-world{world_seed}-{recipe_fingerprint(world_seed, config)}"
     path = root / f"{stem}.safetensors"
     if path.is_file():
-        return path
+        return _readable(path)
     with _announced_lock(str(root / f"{stem}.lock"), world_seed):
         if path.is_file():  # another process finished while we waited
-            return path
+            return _readable(path)
         log.info(
             "pretraining the %s teacher for world seed %d (%d steps, cached at %s)",
             MODEL_NAME,
@@ -152,6 +152,22 @@ def ensure_teacher_checkpoint(
         with atomic_write(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(report, indent=2))
         progress.unlink(missing_ok=True)
+    return path
+
+
+def _readable(path: Path) -> Path:
+    """``path`` when its safetensors header covers the file; a truncated or damaged cache is
+    refused naming the file and the fix (instead of safetensors' "incomplete metadata")."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # SafetensorError and OSError, depending on the damage
+        raise ValueError(
+            f"the cached demo teacher {path} is damaged or truncated ({err}); delete it "
+            "(and the .json beside it) and the teacher is pretrained again on the next run"
+        ) from err
     return path
 
 

@@ -106,16 +106,18 @@ class LowBitCLIP(nn.Module):
     def _one_image(self, item: Any) -> torch.Tensor:
         if isinstance(item, torch.Tensor):
             return item
+        from p4q_lightning.data.sources import to_rgb  # 16-bit images scaled, not clipped
+
         if isinstance(item, (str, os.PathLike)):
             from PIL import Image
 
             with Image.open(item) as opened:
-                item = opened.convert("RGB")
+                item = to_rgb(opened, str(item))
         if self.preprocess is None:
             raise ValueError(
                 "this model has no preprocess transform: pass preprocessed tensors instead"
             )
-        return self.preprocess(item.convert("RGB") if hasattr(item, "convert") else item)
+        return self.preprocess(to_rgb(item, "the given image") if hasattr(item, "mode") else item)
 
     @torch.no_grad()
     def logits(self, images: Images) -> torch.Tensor:

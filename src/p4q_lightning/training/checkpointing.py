@@ -3,17 +3,27 @@
 A checkpoint keeps the prompt context, the adapter, the student's quantizer parameters (scales,
 zero points, ranges), the optimiser/scheduler state and the hyperparameters (model identity);
 a ViT-B/32 one is a few MB instead of two copies of the 600 MB float model. On load the
-student's weights are put back on their grid from the rebuilt float weights.
+student's weights are put back on their grid from the rebuilt float weights, after checking
+that no tensor is NaN/inf and that the model is built with the settings it was trained with.
+:class:`AtomicCheckpointIO` writes each file beside its final name, fsyncs and renames it, so a
+failed write (a full disk) leaves the previous ``last.ckpt`` whole.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.nn.modules.module import _IncompatibleKeys
 
+from p4q_lightning.args import AdapterArgs, PromptArgs, as_group, group_flat_hparams
+from p4q_lightning.files import atomic_write
 from p4q_lightning.quant import (
     ActivationQuantizer,
     Log2Quantizer,
@@ -114,8 +124,99 @@ def save_metadata(module: LightningModule, checkpoint: dict[str, Any]) -> None:
     }
 
 
+# what each part of a state dict is, for messages (first matching prefix wins)
+_PARTS = (
+    ("prompt_learner.", "the prompt context"),
+    ("adapter.", "the adapter"),
+    ("student.", "the student's quantizer parameters"),
+    ("", "a tensor"),
+)
+
+
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint whose prompt, adapter or quantizer tensors hold NaN or inf."""
+
+
+def _part(key: str) -> str:
+    bare = key.removeprefix(PREFIX)
+    return next(text for prefix, text in _PARTS if bare.startswith(prefix))
+
+
+DIVERGED = (
+    "The run that wrote it diverged (or the file is damaged): use an earlier checkpoint of the "
+    "run (checkpoints/epoch=*.ckpt) or train again, e.g. with a lower learning rate"
+)
+
+
+def check_finite(state: Mapping[str, Any], source: str, fix: str = DIVERGED) -> None:
+    """Refuse a state dict with NaN/inf in a floating tensor, naming the checkpoint and the
+    tensors (a diverged run; evaluating it would report chance accuracy and a NaN loss)."""
+    bad = [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        named = ", ".join(f"{key} ({_part(key)})" for key in bad[:4])
+        raise NonFiniteCheckpointError(
+            f"checkpoint {source} holds NaN or inf in {len(bad)} tensor(s): {named}"
+            f"{', ...' if len(bad) > 4 else ''}. {fix}"
+        )
+
+
+def _identity(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide what a checkpoint's tensors mean (not paths or batch sizes)."""
+    grouped = group_flat_hparams(hparams)
+    prompt = as_group(PromptArgs, grouped.get("prompt") or {}, "model.prompt")
+    adapter = as_group(AdapterArgs, grouped.get("adapter") or {}, "model.adapter")
+    return {
+        "method": grouped.get("method", "p4q"),
+        "quant": grouped.get("quant", "w8a8"),
+        "quant_overrides": grouped.get("quant_overrides") or None,
+        "prompt.n_ctx": prompt.n_ctx,
+        "prompt.ctx_init": prompt.ctx_init,
+        "prompt.class_specific": prompt.class_specific,
+        "prompt.class_token_position": prompt.class_token_position,
+        "adapter.enabled": adapter.enabled,
+        "adapter.reduction": adapter.reduction,
+        "adapter.ratio": adapter.ratio,
+        "adapter.bias": adapter.bias,
+        "logit_scale": grouped.get("logit_scale"),
+    }
+
+
+def check_settings(saved: Mapping[str, Any], built: Mapping[str, Any], source: str) -> None:
+    """Refuse to load a checkpoint into a model built with other settings (``--model.quant
+    w8a8`` against a w4a4 checkpoint would load w4a4 ranges into w8a8 quantizers)."""
+    ours, theirs = _identity(built), _identity(saved)
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        pairs = ", ".join(f"model.{k}: {theirs[k]!r} in it, {ours[k]!r} now" for k in differ[:4])
+        raise ValueError(
+            f"checkpoint {source} was trained with other model settings than this run builds "
+            f"({pairs}); drop the changed options to evaluate or resume it, or fit a new run "
+            "with them"
+        )
+
+
+def _checkpoint_name(module: LightningModule) -> str:
+    try:
+        path = module.trainer.ckpt_path
+    except RuntimeError:  # no trainer attached (load_from_checkpoint, p4q export)
+        path = None
+    return str(path) if path else "being loaded"
+
+
 def load_metadata(module: LightningModule, checkpoint: Mapping[str, Any]) -> None:
-    """Check the rebuilt CLIP is the one trained on, and restore the class list."""
+    """Refuse non-finite tensors and conflicting settings; check the rebuilt CLIP is the one
+    trained on, and restore the class list."""
+    source = _checkpoint_name(module)
+    check_finite(checkpoint.get("state_dict") or {}, source)
+    saved = checkpoint.get("hyper_parameters")
+    if isinstance(saved, Mapping):
+        check_settings(saved, module.hparams, source)
     meta = checkpoint.get(META_KEY)
     if not meta:
         return
@@ -132,3 +233,51 @@ def load_metadata(module: LightningModule, checkpoint: Mapping[str, Any]) -> Non
             )
     if meta.get("classnames") and not module.classifier.classnames:
         module.set_classes(meta["classnames"], meta.get("templates"))
+
+
+def save_atomically(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` to a temporary file in ``path``'s directory, flushed to disk (fsync) and
+    renamed over ``path``; on any failure ``path`` keeps its previous contents.
+
+    The bytes are serialised in memory first (a slim checkpoint is a few MB), so a failing
+    write is the file system's own error (``No space left on device``), not torch's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise OSError(
+            err.errno,
+            f"cannot write checkpoint {path}: {err.strerror or err} ({kept}); free space on "
+            "that disk (or set the checkpoint dirpath elsewhere) and resume with "
+            "--ckpt_path last",
+        ) from err
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself reaches the disk
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing local files with :func:`save_atomically`.
+
+    Lightning's own writer fills a temporary file in the system temp directory and moves it;
+    across file systems the move is a copy, which a full disk leaves truncated under the final
+    name (``--ckpt_path last`` then cannot resume). Remote paths (``s3://``) keep Lightning's.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        save_atomically(checkpoint, path)
