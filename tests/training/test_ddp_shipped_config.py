@@ -105,6 +105,9 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``python -m p4q_lightning ARGS`` (its DDP ranks included) in a process group that is
     killed as a whole if it outlives TIMEOUT."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    # its own W&B service, as a user's command has, not the one an earlier test of this process
+    # started (which may still hold the fit's run id when the test command reuses it)
+    env.pop("WANDB_SERVICE", None)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TESTS), str(TESTS / "training"), env.get("PYTHONPATH", "")]
     )
