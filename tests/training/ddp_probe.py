@@ -34,7 +34,7 @@ class Probe(Callback):
     the (all-reduced) gradients of the first ``steps`` optimizer steps; at the end, the trained
     prompt and adapter and this rank's share of the class prompts and of the cached views.
     Whether every rank holds the same calibrations is checked by gathering a digest; rank zero
-    writes everything to ``out``."""
+    writes everything to ``out``; every rank marks the end of each stage (:meth:`teardown`)."""
 
     def __init__(self, out: str, presets: list[str] | None = None, steps: int = 2) -> None:
         self.out, self.presets, self.steps = out, presets or [], steps
@@ -79,3 +79,9 @@ class Probe(Callback):
         if trainer.is_global_zero:
             Path(self.out).parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.record, self.out)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Every rank marks that it got through ``stage`` (after ``on_fit_end``/``on_test_end``
+        callbacks such as the export and the comparison): ``<out>.<stage>.rank<r>``."""
+        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
+        Path(f"{self.out}.{stage}.rank{trainer.global_rank}").touch()
