@@ -1,6 +1,7 @@
 """How far a DDP fit drifts from the one-process fit with the same global batch (CPU, gloo).
 
-    python benchmarks/ddp_drift.py [--presets w4a4 w8a8] [--epochs 40] [--devices 2]
+    python benchmarks/ddp_drift.py [--presets w4a4 w8a8 p4q-official] [--seeds 0] [--epochs 40]
+                                   [--devices 2] [--no-control]
 
 Runs the demo config (``experiments/demo_cpu.yaml``: p4q-tiny on the synthetic world, batch 64,
 40 epochs, cached features) once on one process and once on ``--devices`` DDP processes with the
@@ -80,13 +81,17 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
 
-def fit(preset: str, devices: int, epochs: int, tmp: Path, threads: int = 1) -> dict[str, Any]:
-    """One demo fit; what :class:`Record` wrote plus the comparison after fit."""
-    name = f"{preset}-{devices}-{threads}"
+def fit(
+    preset: str, devices: int, epochs: int, tmp: Path, threads: int = 1, seed: int = 0
+) -> dict[str, Any]:
+    """One demo fit (training and split seed ``seed``, world 0); what :class:`Record` wrote
+    plus the comparison after fit."""
+    name = f"{preset}-{devices}-{threads}-seed{seed}"
     out = tmp / f"{name}.pt"
     demo = yaml.safe_load(DEMO.read_text())
     record = {"class_path": "ddp_drift.Record", "init_args": {"out": str(out)}}
     override = {
+        "seed_everything": seed,
         "trainer": {
             "devices": devices,
             "max_epochs": epochs,
@@ -96,7 +101,7 @@ def fit(preset: str, devices: int, epochs: int, tmp: Path, threads: int = 1) -> 
             **({"strategy": "ddp"} if devices > 1 else {}),
         },
         "model": {"quant": preset, "features": {"cache_dir": str(tmp / f"features-{name}")}},
-        "data": {"init_args": {"batch_size": GLOBAL_BATCH // devices}},
+        "data": {"init_args": {"batch_size": GLOBAL_BATCH // devices, "seed": seed}},
     }
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(override))
@@ -133,46 +138,63 @@ def l2_relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], part: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["w4a4", "w8a8", "p4q-official"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training/split seeds")
     parser.add_argument("--epochs", type=int, default=40, help="the demo's 40 by default")
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--no-control", dest="control", action="store_false")
     args = parser.parse_args()
     epochs = [e for e in SNAPSHOTS if e < args.epochs] + [args.epochs]
     n = args.devices
     summary = [
-        f"| preset | calibrated student | first-step gradients (max rel.) | P4Q top-1, 1 process "
-        f"| {n} processes | difference | control: 1 process, 2 threads |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| preset | seed | calibrated student | first-step gradients (max rel.) | P4Q top-1, "
+        f"1 process | {n} processes | difference | control: 1 process, 2 threads |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     drift = [
-        "| preset | run | " + " | ".join(f"after {e} epoch{'s' * (e > 1)}" for e in epochs) + " |",
-        "|---|---|" + "---:|" * len(epochs),
+        "| preset | seed | run | "
+        + " | ".join(f"after {e} epoch{'s' * (e > 1)}" for e in epochs)
+        + " |",
+        "|---|---:|---|" + "---:|" * len(epochs),
     ]
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for preset in args.presets:
-            one, many = fit(preset, 1, args.epochs, tmp), fit(preset, n, args.epochs, tmp)
-            control = fit(preset, 1, args.epochs, tmp, threads=2)
-            assert one["steps"] == many["steps"] == control["steps"], (one["steps"], many["steps"])
-            calibrated = one["calibrated"]
-            same = all(torch.equal(calibrated[k], many["calibrated"][k]) for k in calibrated)
-            top1 = one["top1"]["p4q"], many["top1"]["p4q"], control["top1"]["p4q"]
-            summary.append(
-                f"| {preset} | {'identical' if same else 'DIFFERENT'} | "
-                f"{max_relative(many['grads'], one['grads']):.1e} | {top1[0]:.2%} | "
-                f"{top1[1]:.2%} | {100 * (top1[1] - top1[0]):+.2f} points | "
-                f"{top1[2]:.2%} ({100 * (top1[2] - top1[0]):+.2f}) |"
-            )
-            for label, other in ((f"{n} processes", many), ("control", control)):
-                cells = [
-                    f"{l2_relative(other['epochs'][e], one['epochs'][e], 'prompt_learner'):.1e} / "
-                    f"{l2_relative(other['epochs'][e], one['epochs'][e], 'adapter'):.1e}"
-                    for e in epochs
-                ]
-                drift.append(f"| {preset} | {label} | " + " | ".join(cells) + " |")
-            print(summary[-1], *drift[-2:], sep="\n", file=sys.stderr, flush=True)
+            for seed in args.seeds:
+                runs = {"1": fit(preset, 1, args.epochs, tmp, seed=seed)}
+                runs[f"{n} processes"] = fit(preset, n, args.epochs, tmp, seed=seed)
+                if args.control:
+                    runs["control"] = fit(preset, 1, args.epochs, tmp, threads=2, seed=seed)
+                summary.append(row(preset, seed, runs, n))
+                one = runs.pop("1")
+                for label, other in runs.items():
+                    cells = [
+                        f"{l2_relative(other['epochs'][e], one['epochs'][e], 'prompt_learner'):.1e}"
+                        f" / {l2_relative(other['epochs'][e], one['epochs'][e], 'adapter'):.1e}"
+                        for e in epochs
+                    ]
+                    drift.append(f"| {preset} | {seed} | {label} | " + " | ".join(cells) + " |")
+                print(summary[-1], *drift[-len(runs) :], sep="\n", file=sys.stderr, flush=True)
     print("\n".join(summary))
     print("\nprompt / adapter weights, ||run - 1 process|| / ||1 process||:\n")
     print("\n".join(drift))
+
+
+def row(preset: str, seed: int, runs: dict[str, dict[str, Any]], n: int) -> str:
+    """One line of the summary table: calibration, first step, top-1 of every run."""
+    one, many = runs["1"], runs[f"{n} processes"]
+    assert all(r["steps"] == one["steps"] for r in runs.values())
+    calibrated = one["calibrated"]
+    same = all(torch.equal(calibrated[k], many["calibrated"][k]) for k in calibrated)
+    top1 = {label: r["top1"]["p4q"] for label, r in runs.items()}
+    control = "-"
+    if "control" in top1:
+        control = f"{top1['control']:.2%} ({100 * (top1['control'] - top1['1']):+.2f})"
+    return (
+        f"| {preset} | {seed} | {'identical' if same else 'DIFFERENT'} | "
+        f"{max_relative(many['grads'], one['grads']):.1e} | {top1['1']:.2%} | "
+        f"{top1[f'{n} processes']:.2%} | {100 * (top1[f'{n} processes'] - top1['1']):+.2f} points"
+        f" | {control} |"
+    )
 
 
 if __name__ == "__main__":
