@@ -6,6 +6,8 @@ they were.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
@@ -33,3 +35,28 @@ def broadcast(tensor: torch.Tensor, src: int, device: torch.device | str = "cpu"
     t = tensor.to(device, copy=True).contiguous()  # never written into the caller's tensor
     dist.broadcast(t, src=src)
     return t.to(tensor.device)
+
+
+def broadcast_in_place(
+    tensors: Iterable[torch.Tensor], src: int = 0, device: torch.device | str = "cpu"
+) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values: one broadcast per dtype
+    (every rank passes tensors of the same shapes and dtypes, in the same order)."""
+    if world()[1] == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        group = by_dtype[dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        if dtype == torch.bool:  # carried as bytes: not every backend reduces bools
+            flat = broadcast(flat.to(torch.uint8), src, device).bool()
+        else:
+            flat = broadcast(flat, src, device)
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n

@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from p4q_lightning.data.seeded import EpochIndexSampler, SeededItems, seeded_train_loader
+from p4q_lightning.data.seeded import (
+    EpochIndexSampler,
+    ResumableLoader,
+    SeededItems,
+    seeded_train_loader,
+)
 
 
 class RandomItems(Dataset):
@@ -57,3 +62,28 @@ def test_the_loader_gives_the_same_epoch_in_a_fresh_process_state():
         return torch.cat([x for x, _ in loader])
 
     assert torch.equal(epoch(0), epoch(99))
+
+
+def test_a_resumed_loader_goes_on_with_the_batches_it_had_not_handed_out():
+    def loader() -> ResumableLoader:
+        return seeded_train_loader(RandomItems(), 3, trainer=None, default_seed=0)
+
+    whole = loader()
+    whole.sampler.set_epoch(2)
+    reference = [labels.tolist() for _, labels in whole]  # 4 batches: 3 + 3 + 3 + 1
+    first = loader()
+    first.sampler.set_epoch(2)
+    batches = iter(first)
+    seen = [next(batches)[1].tolist(), next(batches)[1].tolist()]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches": 2} and seen == reference[:2]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # Lightning sets the epoch after restoring, before iterating
+    assert [labels.tolist() for _, labels in resumed] == reference[2:]
+    assert len(resumed) == 4  # the whole epoch: Lightning counts the resumed batches itself
+    assert [labels.tolist() for _, labels in resumed] == reference  # the next pass is whole
+    other = loader()
+    other.load_state_dict(state)
+    other.sampler.set_epoch(3)  # a checkpoint from the end of epoch 2: nothing to skip
+    assert len([x for x in other]) == 4

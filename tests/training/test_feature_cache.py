@@ -40,7 +40,8 @@ def test_sized_before_the_cache_and_filled_later():
 
 def test_collate_is_default_collate_and_drops_images_that_were_not_encoded(caplog):
     ds = CachedFeatureDataset(length=5)
-    ds.fill(cache(3))  # two unreadable images
+    with caplog.at_level(logging.WARNING, logger="p4q_lightning"):  # whatever the root's level
+        ds.fill(cache(3))  # two unreadable images
     assert "2 of 5 training images could not be read" in caplog.text
     assert ds[3] is None and ds[4] is None
     batches = list(DataLoader(ds, batch_size=2, collate_fn=ds.collate))

@@ -9,8 +9,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
 
+from p4q_lightning import distributed
 from p4q_lightning.quant import group_statistics
+from p4q_lightning.quant.calibrate import CALIB_BATCH_SIZE
+from p4q_lightning.quant.quantizer import CachedBufferState
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,13 @@ class CalibrationCallback(Callback):
     Skipped when the module is already calibrated (e.g. restored from a checkpoint). Logs the
     per-group statistics (mean scale, clipping ratio) and the time taken to every logger.
 
+    The images run in batches of the datamodule's ``calib_batch_size`` (128 when it has none),
+    re-cut whatever the loader's batches, the last batch being the last ``calib_batch_size``
+    images (:func:`~p4q_lightning.quant.calibrate.fixed_batches`): the calibrated student does
+    not depend on the training batch size or the number of processes. Under DDP every rank
+    calibrates on all the calibration images, then takes rank zero's ranges (one broadcast),
+    so every rank holds the same student.
+
     Args:
         max_texts: cap on the calibration texts (evenly subsampled); None uses all.
         progress: show progress bars (rank zero only).
@@ -80,7 +91,9 @@ class CalibrationCallback(Callback):
             images,
             model.calibration_texts(self.max_texts),
             progress=self.progress and trainer.is_global_zero,
+            batch_size=calibration_batch_size(trainer.datamodule),
         )
+        distributed.broadcast_in_place(calibration_buffers(model), 0, pl_module.device)
         self.seconds = time.perf_counter() - start
         self.stats = group_statistics(stats, model.student) if stats else {}
         self._log(trainer)
@@ -114,3 +127,22 @@ class CalibrationCallback(Callback):
                 len(self.stats),
                 f"; highest clipping {worst[1]['clip_ratio']:.2%} in {worst[0]}" if worst else "",
             )
+
+
+def calibration_batch_size(datamodule: Any) -> int:
+    """The datamodule's ``calib_batch_size`` (attribute or hyper-parameter), else 128."""
+    value = getattr(datamodule, "calib_batch_size", None)
+    if value is None:
+        value = (getattr(datamodule, "hparams", None) or {}).get("calib_batch_size")
+    return int(value) if value is not None else CALIB_BATCH_SIZE
+
+
+def calibration_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Every buffer calibration sets (scales, zero points, ranges, flags of the student's and
+    the adapter's quantizers), in module order: the same list on every rank."""
+    return [
+        buffer
+        for module in model.modules()
+        if isinstance(module, CachedBufferState)
+        for buffer in module.buffers(recurse=False)
+    ]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from p4q_lightning.callbacks.export import run_dir
+from p4q_lightning.callbacks.export import RunDirectory
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
 from p4q_lightning.files import atomic_write, write_csv
 from p4q_lightning.methods import METHODS
@@ -101,8 +101,14 @@ class ComparisonCallback(Callback):
         self.rows: list[dict[str, Any]] = []
         self.files: dict[str, Path] = {}
         self.similarity: tuple[dict[str, torch.Tensor], list[str]] = ({}, [])
+        self.run_directory = RunDirectory()
         if wandb_fallback:
             resolve_wandb_mode()
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Resolve the run directory on every rank (a collective under DDP), before the
+        rank-zero-only comparison needs it."""
+        self.run_directory.resolve(trainer)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.after == "test":
@@ -140,7 +146,7 @@ class ComparisonCallback(Callback):
             pl_module.train(was_training)
         rows += harmonic_mean_rows(rows)
         self.rows, self.similarity = rows, (matrices, labels)
-        out = run_dir(trainer) / self.dirname
+        out = self.run_directory.get(trainer) / self.dirname
         self.files = write_outputs(
             out, rows, matrices, labels, _run_info(pl_module.classifier, trainer)
         )

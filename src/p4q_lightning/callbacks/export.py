@@ -19,11 +19,42 @@ log = logging.getLogger(__name__)
 
 
 def run_dir(trainer: Trainer) -> Path:
-    """Where a run's artefacts go: the first logger's directory, else ``default_root_dir``."""
+    """Where a run's artefacts go: the first logger's directory, else ``default_root_dir``.
+
+    Under DDP this is a collective (``trainer.log_dir`` broadcasts rank zero's answer, so every
+    rank agrees even where a logger numbers its versions per rank): call it on every rank at
+    the same point, as the callbacks here do in ``setup``, and never from rank-zero-only code,
+    where rank zero would wait forever for ranks that never enter the broadcast.
+    """
     for candidate in (getattr(trainer, "log_dir", None), trainer.default_root_dir):
         if candidate:
             return Path(candidate)
     return Path.cwd()
+
+
+class RunDirectory:
+    """The run directory of the current stage, resolved on every rank in ``setup`` (a
+    collective under DDP, see :func:`run_dir`) and kept for the rank-zero-only code after it."""
+
+    def __init__(self) -> None:
+        self.value: Path | None = None
+
+    def resolve(self, trainer: Trainer) -> Path:
+        """Call from a hook every rank runs (``setup``)."""
+        self.value = run_dir(trainer)
+        return self.value
+
+    def get(self, trainer: Trainer) -> Path:
+        """The resolved directory; without ``setup`` (a direct call), resolved here on one
+        process only (a collective would hang under DDP, so this refuses it)."""
+        if self.value is not None:
+            return self.value
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                "the run directory was not resolved in setup(): under DDP it must be resolved "
+                "on every rank (run the callback through the Trainer)"
+            )
+        return self.resolve(trainer)
 
 
 class LowBitExportCallback(Callback):
@@ -49,14 +80,17 @@ class LowBitExportCallback(Callback):
             raise ValueError(f"after={after!r}: use 'fit', 'test' or 'both'")
         self.dirpath, self.filename, self.after = dirpath, filename, after
         self.report: ExportReport | None = None
+        self.run_directory = RunDirectory()
 
     def path(self, trainer: Trainer) -> Path:
-        return (
-            Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
-        )
+        if self.dirpath:
+            return Path(self.dirpath) / self.filename
+        return self.run_directory.get(trainer) / self.filename
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Refuse an unwritable export path before the fit (or test) starts, not after it."""
+        """Resolve the run directory on every rank, then (rank zero) refuse an unwritable
+        export path before the fit (or test) starts, not after it."""
+        self.run_directory.resolve(trainer)
         exports_after = {"fit": ("fit", "both"), "test": ("test", "both")}.get(stage, ())
         method = getattr(getattr(pl_module, "classifier", None), "method", None)
         if self.after in exports_after and method in quantized_methods():

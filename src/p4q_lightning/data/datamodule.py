@@ -76,6 +76,9 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         hflip: random horizontal flips in the train augmentation.
         train_augment: augment training images (False: the eval transform).
         calib_images: how many seeded train-split images ``calibration_dataloader`` serves.
+        calib_batch_size: images per calibration batch (the official 128), whatever the
+            training batch size or the number of processes, so the calibrated student is the
+            same on 1 or N GPUs (the last batch is the last ``calib_batch_size`` images).
         split_dir: where split files and folder indexes go (default ``$P4Q_CACHE_DIR/splits``).
         skip_corrupt: skip unreadable images (counted and logged) instead of failing.
         expected_num_classes: fail early when the dataset has a different number of classes.
@@ -109,6 +112,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         hflip: bool = True,
         train_augment: bool = True,
         calib_images: int = 1024,
+        calib_batch_size: int = 128,
         split_dir: str | None = None,
         skip_corrupt: bool = False,
         expected_num_classes: int | None = None,
@@ -123,8 +127,10 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if shots < 1:
             raise ValueError(f"shots={shots}: use a positive number of images per class")
-        if batch_size < 1 or calib_images < 0:
-            raise ValueError("batch_size must be positive and calib_images non-negative")
+        if batch_size < 1 or calib_batch_size < 1 or calib_images < 0:
+            raise ValueError(
+                "batch_size and calib_batch_size must be positive and calib_images non-negative"
+            )
         if not dataset:
             raise ValueError(
                 "data.init_args.dataset is not set: pass --data.init_args.dataset <name> (e.g. "
@@ -354,7 +360,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
         return DataLoader(
             ds,
-            batch_size=hp.eval_batch_size or hp.batch_size,
+            batch_size=hp.calib_batch_size,
             shuffle=False,
             num_workers=hp_workers,
             pin_memory=pin,

@@ -14,6 +14,13 @@ Any ``LightningDataModule`` can opt in with the mixin::
 
 This package does not import the training code: the source is anything with a ``dataloader``
 method (:class:`FeatureSource`).
+
+The mixin also keeps the position of the training loader it served in the checkpoint (the
+datamodule's ``state_dict``), so a fit resumed from a mid-epoch checkpoint skips the batches it
+already trained on (:class:`~p4q_lightning.data.seeded.ResumableLoader`). Lightning would do this
+itself for a loader with ``state_dict``, but it sets up the training loader before restoring
+the checkpoint when ``configure_optimizers`` asks for ``estimated_stepping_batches``, and then
+never hands the loader its state.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class FeatureServing:
     cached features (put it before ``LightningDataModule`` in the bases)."""
 
     feature_source: FeatureSource | None = None
+    _served: Any = None  # the last training loader served
+    _resume: dict[str, Any] | None = None  # its position from a checkpoint, not yet applied
 
     def serve_features(self, source: FeatureSource | None) -> None:
         """Serve ``source``'s feature loader from :meth:`serve` (None: the images again)."""
@@ -42,9 +51,34 @@ class FeatureServing:
     def serve(self, images: DataLoader) -> Any:
         """The training loader: ``images``, or the attached source's loader over their
         cached features."""
-        if self.feature_source is None:
-            return images
-        return self.feature_source.dataloader(images)
+        loader = images if self.feature_source is None else self.feature_source.dataloader(images)
+        self._served = loader
+        self._apply_resume()
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The datamodule's state in a checkpoint, with the served training loader's position
+        (when the loader has one: :class:`~p4q_lightning.data.seeded.ResumableLoader`)."""
+        parent = getattr(super(), "state_dict", None)
+        state = dict(parent()) if parent is not None else {}
+        position = getattr(self._served, "state_dict", None)
+        if callable(position):
+            state["train_loader"] = position()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training loader's position (applied to the loader served now or next)."""
+        self._resume = state_dict.get("train_loader")
+        self._apply_resume()
+        parent = getattr(super(), "load_state_dict", None)
+        if parent is not None:
+            parent({k: v for k, v in state_dict.items() if k != "train_loader"})
+
+    def _apply_resume(self) -> None:
+        resume = getattr(self._served, "load_state_dict", None)
+        if self._resume is not None and callable(resume):
+            resume(self._resume)
+            self._resume = None
 
     def on_exception(self, exception: BaseException) -> None:
         """An interrupted fit leaves no source behind for the next fit of this datamodule."""

@@ -8,6 +8,7 @@ classifier's public methods, never the module.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template
 from p4q_lightning.model.text_sharding import gather_sharded
 from p4q_lightning.quant import QuantSpec, get_spec, is_calibrated, quantize
 from p4q_lightning.quant import calibrate as calibrate_student
+from p4q_lightning.quant.calibrate import CALIB_BATCH_SIZE, image_batches
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
@@ -186,13 +188,17 @@ class P4QClassifier(nn.Module):
         texts: Iterable[torch.Tensor] | torch.Tensor | None = None,
         progress: bool = True,
         adapter_batches: int = 8,
+        batch_size: int | None = CALIB_BATCH_SIZE,
     ) -> dict[str, dict[str, float]]:
         """Calibrate the student (activation ranges, weights onto the grid), then initialise the
-        adapter's input ranges from the student's features of the same images."""
+        adapter's input ranges from the student's features of the first ``adapter_batches``
+        batches of the same images. The images run in batches of ``batch_size`` whatever their
+        own batching (:func:`~p4q_lightning.quant.calibrate.fixed_batches`; None: as given),
+        so the result does not depend on how ``images`` is batched."""
         # Normal tensors even when a Trainer calls this inside an inference-mode evaluation,
         # so the calibrated buffers remain usable by a later fit.
         with torch.inference_mode(False), torch.no_grad():
-            return self._calibrate(images, texts, progress, adapter_batches)
+            return self._calibrate(images, texts, progress, adapter_batches, batch_size)
 
     def _calibrate(
         self,
@@ -200,6 +206,7 @@ class P4QClassifier(nn.Module):
         texts: Iterable[torch.Tensor] | torch.Tensor | None,
         progress: bool,
         adapter_batches: int,
+        batch_size: int | None,
     ) -> dict[str, dict[str, float]]:
         if (
             isinstance(images, Iterable)
@@ -211,13 +218,14 @@ class P4QClassifier(nn.Module):
         if not is_calibrated(self.student):
             if texts is None:
                 texts = self.calibration_texts()
-            stats = calibrate_student(self.student, images=images, texts=texts, progress=progress)
+            stats = calibrate_student(
+                self.student, images=images, texts=texts, progress=progress, batch_size=batch_size
+            )
         if self.prompt_learner is not None:
             self.prompt_learner.set_token_embedding(TextTower(self.student).token_embedding)
         if self.adapter is not None and not self.adapter.is_calibrated:
-            self.adapter.calibrate(
-                self.student_image_features(x) for x in _take(images, adapter_batches)
-            )
+            first = itertools.islice(image_batches(images, batch_size), adapter_batches)
+            self.adapter.calibrate(self.student_image_features(x) for x in first)
         self.invalidate_text()
         return stats
 
@@ -355,13 +363,3 @@ class P4QClassifier(nn.Module):
         if self.prompt_learner is None:
             raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
         return self.prompt_learner
-
-
-def _take(images: Iterable[Any] | torch.Tensor, n: int) -> Iterable[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        yield images
-        return
-    for i, batch in enumerate(images):
-        if i >= n:
-            return
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch

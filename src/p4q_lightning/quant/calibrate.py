@@ -19,6 +19,10 @@ from p4q_lightning.quant.quantizer import ActivationQuantizer, WeightQuantizer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: Images per calibration batch unless told otherwise: the official P4Q calibration batch (it
+#: calibrates on 10 batches of 128 and scores its OMSE search on the last one).
+CALIB_BATCH_SIZE = 128
+
 
 def _batches(data: Iterable[Any] | torch.Tensor | None) -> Iterable[torch.Tensor]:
     """Accept a tensor, an iterable of tensors, or of (tensor, label) pairs (a DataLoader)."""
@@ -27,6 +31,49 @@ def _batches(data: Iterable[Any] | torch.Tensor | None) -> Iterable[torch.Tensor
     if isinstance(data, torch.Tensor):
         return [data]
     return (b[0] if isinstance(b, (tuple, list)) else b for b in data)
+
+
+def fixed_batches(batches: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The images of ``batches`` (tensors of any batch sizes) re-cut into batches of ``size``.
+
+    The cut depends only on the number of images: batches of ``size`` from the first image on,
+    except that the last batch is always the last ``size`` images (a shorter remainder batch
+    comes just before it). So the observers see the same batches however a loader, a DDP run
+    or a training batch size cut the same images, and ``a_score_on: last_batch`` scores the last
+    ``size`` images, as the official code scores its last batch of 128. Holds at most
+    ``2 * size`` images (plus one incoming batch).
+    """
+    if size < 1:
+        raise ValueError(f"calibration batch size {size}: use a positive number of images")
+    pending: list[torch.Tensor] = []
+    held = 0
+    for batch in batches:
+        if batch.shape[0] == 0:
+            continue
+        pending.append(batch)
+        held += int(batch.shape[0])
+        if held >= 2 * size:
+            joined = torch.cat(pending)
+            while joined.shape[0] >= 2 * size:  # at least `size` images follow: not the last
+                yield joined[:size]
+                joined = joined[size:]
+            pending, held = [joined], int(joined.shape[0])
+    if not pending:
+        return
+    rest = torch.cat(pending)
+    if rest.shape[0] > size:
+        yield rest[: rest.shape[0] - size]
+        rest = rest[rest.shape[0] - size :]
+    yield rest
+
+
+def image_batches(
+    images: Iterable[Any] | torch.Tensor | None, batch_size: int | None = CALIB_BATCH_SIZE
+) -> Iterable[torch.Tensor]:
+    """The image tensors of ``images`` (see :func:`calibrate`), re-cut by :func:`fixed_batches`
+    into batches of ``batch_size`` (None: as given)."""
+    batches = _batches(images)
+    return batches if batch_size is None else fixed_batches(batches, batch_size)
 
 
 def _tower_of(name: str) -> str:
@@ -88,6 +135,7 @@ def calibrate(
     images: Iterable[Any] | torch.Tensor | None = None,
     texts: Iterable[Any] | torch.Tensor | None = None,
     progress: bool = True,
+    batch_size: int | None = CALIB_BATCH_SIZE,
 ) -> dict[str, dict[str, float]]:
     """Calibrate a student from :func:`quantize` in place and return per-quantizer statistics.
 
@@ -97,6 +145,10 @@ def calibrate(
     spec's ``float_weight_calibration`` the activations are observed behind float weights
     and the weights are quantized afterwards. ``images`` and ``texts`` may be tensors,
     iterables of tensors or DataLoaders of (x, y) pairs.
+
+    The images are re-cut into batches of ``batch_size`` (:func:`fixed_batches`: the last
+    batch is the last ``batch_size`` images), so the result does not depend on how ``images``
+    is batched; ``batch_size=None`` runs the batches as given. Token batches run as given.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -121,8 +173,9 @@ def calibrate(
                 if tower not in towers_needing_data:
                     continue
                 observing = [q for n, q in act if _tower_of(n) == tower]
+                batches = image_batches(data, batch_size) if tower == "vision" else _batches(data)
                 for batch in tqdm(
-                    marking_last_batch(_batches(data), observing),
+                    marking_last_batch(batches, observing),
                     desc=f"calibrating {tower}",
                     disable=not progress,
                     leave=False,

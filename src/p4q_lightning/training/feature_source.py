@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import DataLoader
 
 from p4q_lightning import seeding
-from p4q_lightning.data.seeded import run_sampler
+from p4q_lightning.data.seeded import ResumableLoader, run_sampler
 from p4q_lightning.training.feature_cache import (
     CachedFeatureDataset,
     FeatureCache,
@@ -109,7 +109,7 @@ class TrainFeatureSource:
             drop_last=images.drop_last,
         )
         sampler.set_epoch(self.module.current_epoch)
-        return DataLoader(
+        return ResumableLoader(
             self.dataset,
             batch_size=images.batch_size or 32,
             sampler=sampler,
