@@ -22,6 +22,7 @@ from typing import Any
 
 from p4q_lightning import rundir
 from p4q_lightning.files import atomic_write
+from p4q_lightning.training import frozen_store
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def run(args: Sequence[str]) -> Path:
             "test": [{k: float(v) for k, v in m.items()} for m in metrics],
             "fit_seconds": round(fit_seconds, 3),
             "test_seconds": round(test_seconds, 3),
+            # calibration, teacher text, image features: computed or loaded from the store
+            "frozen_seconds": frozen_store.spent(),
         }
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_write(directory / RESULTS_FILE) as tmp:
