@@ -101,23 +101,25 @@ class CalibrationCallback(Callback):
             )
 
         # stored once per sweep in model.features.cache_dir, keyed by what determines it
+        # (without a store it is computed, and timed alike)
         store = getattr(getattr(pl_module, "features_args", None), "cache_dir", None)
-        if store is None:
-            stats = compute()
-        else:
-            key = frozen_store.calibration_key(
+        key = (
+            frozen_store.calibration_key(
                 model, pl_module, trainer.datamodule, images.loader, self.max_texts
             )
-            stats, loaded = frozen_store.load_or_compute(
-                store,
-                f"calibration-{key}.pt",
-                compute,
-                lambda value: frozen_store.calibrated_state(model, value),
-                lambda payload: frozen_store.restore_calibration(model, payload),
-                kind="calibration",
-            )
-            if loaded:
-                log.info("loaded the calibrated student from %s", store)
+            if store is not None
+            else ""
+        )
+        stats, loaded = frozen_store.load_or_compute(
+            store,
+            f"calibration-{key}.pt",
+            compute,
+            lambda value: frozen_store.calibrated_state(model, value),
+            lambda payload: frozen_store.restore_calibration(model, payload),
+            kind="calibration",
+        )
+        if loaded:
+            log.info("loaded the calibrated student from %s", store)
         distributed.broadcast_in_place(calibration_buffers(model), 0, pl_module.device)
         self.seconds = time.perf_counter() - start
         self.stats = group_statistics(stats, model.student) if stats else {}
@@ -128,11 +130,12 @@ class CalibrationCallback(Callback):
         """The float teacher's template class embeddings from the frozen-work store (computed
         and stored once per model, classes and templates)."""
         store = getattr(getattr(pl_module, "features_args", None), "cache_dir", None)
-        if store is None or model.teacher_text == "prompt" or model._teacher_text is not None:
+        if model.teacher_text == "prompt" or model._teacher_text is not None:
             return
+        key = frozen_store.teacher_text_key(model) if store is not None else ""
         features, _ = frozen_store.load_or_compute(
             store,
-            f"teacher-text-{frozen_store.teacher_text_key(model)}.pt",
+            f"teacher-text-{key}.pt",
             lambda: model.teacher_text_features().detach().cpu(),
             lambda value: value,
             lambda payload: payload,

@@ -205,8 +205,6 @@ def load_or_build(
     device: torch.device | str = "cpu",
 ) -> FeatureCache:
     """Load ``features-<key>.pt`` from ``cache_dir`` or build it and write it atomically."""
-    if cache_dir is None:
-        return build()
     if world()[1] == 1:  # one process: under the store's lock, so concurrent runs build once
         from p4q_lightning.training.frozen_store import load_or_compute
 
@@ -218,8 +216,11 @@ def load_or_build(
             lambda payload: FeatureCache(**payload),
             kind="features",
         )
-        log.info("%s image features in %s", "loaded cached" if loaded else "stored", cache_dir)
+        if cache_dir is not None:
+            log.info("%s image features in %s", "loaded cached" if loaded else "stored", cache_dir)
         return cache
+    if cache_dir is None:
+        return build()
     path = Path(cache_dir).expanduser() / f"features-{key}.pt"
     loaded: FeatureCache | None = None
     if path.is_file():
