@@ -16,6 +16,7 @@ from p4q_lightning.quant import group_statistics
 from p4q_lightning.quant.calibrate import CALIB_BATCH_SIZE
 from p4q_lightning.quant.quantizer import CachedBufferState
 from p4q_lightning.training import frozen_store
+from p4q_lightning.training.feature_cache import dataset_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,16 @@ class CalibrationCallback(Callback):
         # stored once per sweep in model.features.cache_dir, keyed by what determines it
         # (without a store it is computed, and timed alike)
         store = getattr(getattr(pl_module, "features_args", None), "cache_dir", None)
-        key = (
-            frozen_store.calibration_key(
-                model, pl_module, trainer.datamodule, images.loader, self.max_texts
+        key = ""
+        if store is not None:
+            loader = images.loader
+            fingerprint = dataset_fingerprint(
+                loader.dataset, {"data": frozen_store.calibration_data(trainer.datamodule)}
             )
-            if store is not None
-            else ""
-        )
+            key = frozen_store.calibration_key(
+                model, pl_module, fingerprint, calibration_batch_size(trainer.datamodule),
+                self.max_texts,
+            )  # fmt: skip
         stats, loaded = frozen_store.load_or_compute(
             store,
             f"calibration-{key}.pt",

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from p4q_lightning.distributed import all_agree, broadcast, world
 from p4q_lightning.files import atomic_write
+from p4q_lightning.training.frozen_store import load_or_compute
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,6 @@ def load_or_build(
 ) -> FeatureCache:
     """Load ``features-<key>.pt`` from ``cache_dir`` or build it and write it atomically."""
     if world()[1] == 1:  # one process: under the store's lock, so concurrent runs build once
-        from p4q_lightning.training.frozen_store import load_or_compute
-
         cache, loaded = load_or_compute(
             cache_dir,
             f"features-{key}.pt",

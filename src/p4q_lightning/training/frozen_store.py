@@ -125,13 +125,18 @@ def _load(path: Path, from_payload: Callable[[Any], T]) -> T | None:
         return None
 
 
-def calibration_key(model: Any, module: Any, datamodule: Any, loader: Any, max_texts: Any) -> str:
-    """Everything the calibrated student and adapter ranges depend on."""
-    from p4q_lightning.training.feature_cache import dataset_fingerprint
-
-    hp = getattr(module, "hparams", {}) or {}
+def calibration_data(datamodule: Any) -> dict[str, Any]:
+    """The datamodule settings that decide which calibration images are read, and how."""
     data_hp = dict(getattr(datamodule, "hparams", {}) or {})
-    data = {k: v for k, v in data_hp.items() if k not in NOT_CALIBRATION}
+    return {k: v for k, v in data_hp.items() if k not in NOT_CALIBRATION}
+
+
+def calibration_key(
+    model: Any, module: Any, images: str, batch_size: int | None, max_texts: Any
+) -> str:
+    """Everything the calibrated student and adapter ranges depend on (``images``: the
+    fingerprint of the calibration images and the settings that chose them)."""
+    hp = getattr(module, "hparams", {}) or {}
     adapter = getattr(module, "adapter_args", None)
     parts = {
         "model": [hp.get("model_name"), hp.get("pretrained"), hp.get("model_config")],
@@ -142,8 +147,8 @@ def calibration_key(model: Any, module: Any, datamodule: Any, loader: Any, max_t
         "classes": list(model.classnames),
         "templates": list(model.templates),
         "max_texts": max_texts,
-        "images": dataset_fingerprint(loader.dataset, {"data": data}),
-        "batch": getattr(loader, "batch_size", None),
+        "images": images,
+        "batch": batch_size,
     }
     return digest(parts)
 
