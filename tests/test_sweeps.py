@@ -76,7 +76,10 @@ def test_shipped_sweep_files_parse_as_grids_of_p4q_runs(spec: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        ("method: bayes\nparameters: {a: {values: [1]}}\ncommand: [p4q, run, '${args}']\n", "bayes"),
+        (
+            "method: bayes\nparameters: {a: {values: [1]}}\ncommand: [p4q, run, '${args}']\n",
+            "bayes",
+        ),
         ("method: grid\nparameters: {a: {min: 1}}\ncommand: [p4q, run, '${args}']\n", "'a' needs"),
         ("method: grid\nparameters: {a: {values: [1]}}\ncommand: [p4q, run]\n", "${args}"),
         ("method: grid\nparameters: [\n", "not valid YAML"),
@@ -163,3 +166,18 @@ def test_shipped_sweep_parameters_reach_the_parsed_config(spec: Path, monkeypatc
                 assert config["seed_everything"] == value == config["data"]["init_args"]["seed"]
             else:
                 assert _dotted(config, key) == value, (key, value)
+
+
+def test_a_point_that_does_not_parse_is_reported_and_the_sweep_goes_on(tmp_path, capsys) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "name: bad\nmethod: grid\nparameters:\n  model.quant: {values: [w4a4, w9a9]}\n"
+        f"command: [p4q, run, --config, {ROOT / 'experiments' / 'demo_cpu.yaml'}, "
+        f"--run_dir={tmp_path / 'run'}, --model.no_such_option=1, '${{args}}']\n"
+    )
+    assert cli_main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert "[1/2] model.quant=w4a4: FAILED (arguments)" in out
+    assert "[2/2] model.quant=w9a9: FAILED (arguments)" in out
+    assert "2 runs, 0 ran, 0 skipped (finished before), 2 failed" in out
+    assert "unknown option model.no_such_option" in out

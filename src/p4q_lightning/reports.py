@@ -81,7 +81,9 @@ def dataset_tables(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     experiments = sorted({(str(r["model"]), int(r["experiment_shots"] or 0)) for r in rows})
     for model, shots in experiments:
-        part = [r for r in rows if (str(r["model"]), int(r["experiment_shots"] or 0)) == (model, shots)]
+        part = [
+            r for r in rows if (str(r["model"]), int(r["experiment_shots"] or 0)) == (model, shots)
+        ]
         datasets = sorted({str(r["dataset"]) for r in part})
         for name in _order({label(r) for r in part}, part):
             cells = {str(r["dataset"]): r for r in part if label(r) == name}
@@ -169,7 +171,9 @@ def dg_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in summary:
         if _is_b2n(r):
             continue
-        groups.setdefault((str(r["dataset"]), str(r["model"]), int(r["experiment_shots"] or 0)), []).append(r)
+        groups.setdefault(
+            (str(r["dataset"]), str(r["model"]), int(r["experiment_shots"] or 0)), []
+        ).append(r)
     out = []
     for (dataset, model, shots), part in groups.items():
         targets = sorted({str(r["test_set"]) for r in part if not r.get("own_test_set", True)})
@@ -177,7 +181,9 @@ def dg_rows(summary: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for name in _order({label(r) for r in part}, part):
             cells = {str(r["test_set"]): r for r in part if label(r) == name}
-            source = next((r for r in part if label(r) == name and r.get("own_test_set", True)), None)
+            source = next(
+                (r for r in part if label(r) == name and r.get("own_test_set", True)), None
+            )
             entry = {
                 "source": dataset,
                 "model": model,
@@ -201,14 +207,21 @@ def dg_markdown(rows: Sequence[dict[str, Any]]) -> str:
         targets = part[0]["_targets"]
         header = ["method", f"{key[0]} (source)", *targets, "target average"]
         body = [
-            [r["method"], _pct(r["source_top1"]), *(_pct(r[t]) for t in targets), _pct(r["target_average"])]
+            [
+                r["method"],
+                _pct(r["source_top1"]),
+                *(_pct(r[t]) for t in targets),
+                _pct(r["target_average"]),
+            ]
             for r in part
         ]
         parts.append(f"**{key[1]}, {key[2]} shots: top-1 (%)**\n\n" + _markdown(header, body))
     return "\n".join(parts)
 
 
-def _curves(summary: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+def _curves(
+    summary: Sequence[dict[str, Any]],
+) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     """Per panel (dataset, then ``average``): per method+bits, (shots, mean, std) points."""
     rows = [r for r in summary if _own(r)]
     panels: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
@@ -224,7 +237,9 @@ def _curves(summary: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple
                 for shots, mean, _ in pts:
                     merged.setdefault(name, {}).setdefault(shots, []).append(mean)
         panels[AVERAGE] = {
-            name: [(s, statistics.fmean(v), 0.0) for s, v in by_shots.items() if len(v) == len(panels)]
+            name: [
+                (s, statistics.fmean(v), 0.0) for s, v in by_shots.items() if len(v) == len(panels)
+            ]
             for name, by_shots in merged.items()
         }
     return panels
@@ -234,7 +249,9 @@ def has_curves(summary: Sequence[dict[str, Any]]) -> bool:
     return len({int(r["experiment_shots"] or 0) for r in summary if _own(r)}) > 1
 
 
-def _bits_points(summary: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+def _bits_points(
+    summary: Sequence[dict[str, Any]],
+) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     """Per dataset (at its largest shot count): per method, (weight bits, mean, std) points."""
     rows = [r for r in summary if _own(r)]
     most = {}

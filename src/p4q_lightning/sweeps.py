@@ -167,7 +167,11 @@ def run_arguments(cmd: Sequence[str]) -> list[str] | None:
     """The arguments after ``run`` when ``cmd`` is a ``p4q run`` command, else None (then the
     sweep cannot tell a finished run before starting it)."""
     for i, token in enumerate(cmd[:-1]):
-        if token == "run" and i > 0 and Path(cmd[i - 1]).name in ("p4q", "p4q_lightning", "lightning"):
+        if (
+            token == "run"
+            and i > 0
+            and Path(cmd[i - 1]).name in ("p4q", "p4q_lightning", "lightning")
+        ):
             return list(cmd[i + 1 :])
     return None
 
@@ -202,7 +206,7 @@ def slurm_script(
     lines += [
         f"mkdir -p {shlex.quote(str(logs))}",
         f"export P4Q_SWEEP_GROUP={shlex.quote(group or spec.name)}",
-        f"p4q sweep {shlex.quote(str(spec.path))} --index \"$SLURM_ARRAY_TASK_ID\"",
+        f'p4q sweep {shlex.quote(str(spec.path))} --index "$SLURM_ARRAY_TASK_ID"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -225,4 +229,3 @@ def progress_line(
         f"[{done}/{total}] {name}: {status} in {format_seconds(seconds)} | "
         f"elapsed {format_seconds(elapsed)} | ETA {eta if left else '0s'}"
     )
-

@@ -76,6 +76,7 @@ def _last_error(path: Path) -> str:
 
 def run_local(spec: sweeps.SweepSpec, out: Path) -> int:
     """Every grid point in turn; returns the number of failed runs."""
+    from p4q_lightning.cli import one_line, option_error
     from p4q_lightning.commands import run as run_command
 
     logs = out / "logs"
@@ -85,14 +86,20 @@ def run_local(spec: sweeps.SweepSpec, out: Path) -> int:
     total = len(points)
     start = time.perf_counter()
     ran = skipped = 0
-    failed: list[tuple[sweeps.GridPoint, str, Path]] = []
+    failed: list[tuple[sweeps.GridPoint, str, Path | None]] = []
     directories: list[Path] = []
     for n, point in enumerate(points, 1):
         cmd = sweeps.command(spec, point)
         args = sweeps.run_arguments(cmd)
         begin = time.perf_counter()
         if args is not None:
-            resolved = run_command.resolve(args)
+            try:
+                resolved = run_command.resolve(args)
+            except Exception as err:  # a point whose arguments do not parse: report, go on
+                text = option_error(err, args) if isinstance(err, argparse.ArgumentError) else None
+                failed.append((point, f"error: {text or one_line(err)}", None))
+                _progress(n, total, point, "FAILED (arguments)", begin, start, ran)
+                continue
             directories.append(resolved.directory)
             overwrite = any(a.startswith("--overwrite") for a in args)
             if resolved.finished and not overwrite:
@@ -117,7 +124,8 @@ def run_local(spec: sweeps.SweepSpec, out: Path) -> int:
         f"{len(failed)} failed, in {elapsed}\n"
     )
     for point, error, path in failed:
-        sys.stdout.write(f"  failed [{point.index}] {point.name}: {error} (log {path})\n")
+        where = f" (log {path})" if path is not None else ""
+        sys.stdout.write(f"  failed [{point.index}] {point.name}: {error}{where}\n")
     finished = [d for d in directories if run_command.finished(d)]
     if finished:
         from p4q_lightning.commands import compare
