@@ -33,7 +33,7 @@ COMMANDS = {
     "predict": "write predictions.csv (top-5 classes per image) into the run directory",
     "run": "fit then test in one process (the unit of a sweep); skips a finished run",
     "sweep": "run a W&B grid sweep file locally, as a SLURM array (--slurm) or one point",
-    "export": "write the low-bit model file from a checkpoint (p4q export CKPT --verify)",
+    "export": "write the low-bit model (packed safetensors, or --format onnx) from a checkpoint",
     "compare": "gather run directories into one table (mean ± std over seeds) and a plot",
     "demo": "the embedded CPU demo: P4Q / PTQ / CoOp on a synthetic world",
     "import-official": "the official P4Q release (--prompt P.pth --adapter A.pth) as a checkpoint",
