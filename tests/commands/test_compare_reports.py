@@ -124,3 +124,24 @@ def test_domain_generalisation_table_has_source_targets_and_their_average(tmp_pa
     assert float(row["target_average"]) == pytest.approx(0.5)
     md = (out / "domain_generalisation.md").read_text()
     assert "| method | imagenet (source) | imagenet-sketch | imagenet-v2 | target average |" in md
+
+
+@pytest.mark.slow
+def test_wandb_flag_logs_the_tables_and_figures_to_one_run(tmp_path, monkeypatch) -> None:
+    import wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    (tmp_path / "wb").mkdir()
+    _fewshot(tmp_path / "runs")
+    out = tmp_path / "out"
+    assert cli_main(["compare", str(tmp_path / "runs"), "--out", str(out), "--wandb"]) == 0
+    (run_file,) = sorted((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
+    keys = set()
+    for record in wandb_records.records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind in ("history", "partial_history"):
+            items = getattr(record, kind).item
+            keys |= {item.key or (item.nested_key[0] if item.nested_key else "") for item in items}
+    expected = {"report/datasets_csv", "report/fewshot_png", "report/bits_png"}
+    assert expected <= keys
