@@ -71,40 +71,24 @@ class PromptAdapterOptimizer(Optimizer):
 
 
 class WarmupCosine:
-    """LR factor per step: ``warmup_factor`` (or, with ``linear_warmup``, a ramp to 1) for
-    ``warmup_steps``, then cosine to 0 at ``total_steps``. Plain attributes only, so the
-    scheduler's state dict stays primitive."""
+    """LR factor per step: ``warmup_factor`` for ``warmup_steps``, then cosine to 0 at
+    ``total_steps``. Plain attributes only, so the scheduler's state dict stays primitive."""
 
     def __init__(
-        self,
-        warmup_factor: float = 1.0,
-        warmup_steps: int = 0,
-        total_steps: int = 0,
-        linear_warmup: bool = False,
+        self, warmup_factor: float = 1.0, warmup_steps: int = 0, total_steps: int = 0
     ) -> None:
         self.warmup_factor = warmup_factor
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
-        self.linear_warmup = linear_warmup
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps if self.linear_warmup else self.warmup_factor
+            return self.warmup_factor
         span = self.total_steps - self.warmup_steps
         if span <= 0:
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def lr(self, base_lr: float, step: int) -> float:
-        """``base_lr`` scaled for ``step``, for loops that set the rate themselves.
-
-        The linear ramp multiplies before dividing, ``base_lr * (step + 1) / warmup_steps``:
-        the rounding the demo teacher's cached weights were trained with.
-        """
-        if self.linear_warmup and step < self.warmup_steps:
-            return base_lr * (step + 1) / self.warmup_steps
-        return base_lr * self(step)
 
 
 def param_groups(module: LightningModule) -> list[dict[str, Any]]:
