@@ -30,6 +30,7 @@ from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
 from p4q_lightning.files import atomic_write, write_csv
 from p4q_lightning.methods import METHODS
 from p4q_lightning.model.classifier import P4QClassifier
+from p4q_lightning.rundir import bits_label
 from p4q_lightning.test_classes import Rows, scoring_classes
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
@@ -54,9 +55,9 @@ BASE, NEW, HM = "base", "new", "hm"
 def _bits(spec: Any) -> tuple[str, int, int]:
     """(label, weight bits, activation bits) of the dominant layers (the MLP linears)."""
     if spec is None or spec.is_float:
-        return "fp32", 32, 32
+        return bits_label(None), 32, 32
     g = spec["vision.mlp_fc"]
-    return spec.name, g.w_bits or 32, g.a_bits or 32
+    return bits_label(spec.name), g.w_bits or 32, g.a_bits or 32
 
 
 def _data_info(trainer: Trainer) -> dict[str, Any]:

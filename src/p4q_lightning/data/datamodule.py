@@ -27,15 +27,10 @@ from p4q_lightning.data.sources import ImageSource, SyntheticArgs
 from p4q_lightning.data.subsample import SUBSAMPLES, Subsample
 from p4q_lightning.data.test_sets import EvalSet, extra_test_sets, own_test_set
 from p4q_lightning.data.transforms import eval_transform, train_transform
+from p4q_lightning.distributed import global_rank
 from p4q_lightning.synthetic_name import SYNTHETIC, synthetic_world_seed
 
 log = logging.getLogger(__name__)
-
-
-def _global_rank() -> int:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 class FewShotDataModule(FeatureServing, L.LightningDataModule):
@@ -195,7 +190,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
     def source(self) -> ImageSource:
         """The dataset the run uses: all classes, or CoCoOp's base or new half."""
         if not self.classnames:
-            self._set_classes(self.run_split.source(write=_global_rank() == 0))
+            self._set_classes(self.run_split.source(write=global_rank() == 0))
         return self.run_split.source(write=False)
 
     @property
@@ -246,7 +241,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         if run.test_only and stage in (None, "fit", "validate"):
             run.refuse_test_only()
         if not run.test_only:
-            run.load(write=_global_rank() == 0)
+            run.load(write=global_rank() == 0)
         source = self.source
         if self.extra_test is None:  # checked at fit too: a wrong test set fails before training
             self.extra_test = self._extra_test_sets()

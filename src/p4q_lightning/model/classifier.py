@@ -76,8 +76,7 @@ class P4QClassifier(nn.Module):
         adapter = adapter or AdapterArgs()
         if self.traits.uses_adapter and adapter.enabled:
             # drawn from the run seed, not from wherever the global generator happens to be
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seeding.derived_seed("adapter", init_seed))
+            with seeding.seeded_global_rng(seeding.derived_seed("adapter", init_seed)):
                 self.adapter = LowBitAdapter(
                     image_feature_dim(teacher),
                     adapter.reduction,
