@@ -22,8 +22,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.nn.modules.module import _IncompatibleKeys
 
-from p4q_lightning.args import AdapterArgs, PromptArgs, as_group, group_flat_hparams
+from p4q_lightning.args import AdapterArgs, PromptArgs, as_group
 from p4q_lightning.files import atomic_write
+from p4q_lightning.legacy import group_flat_hparams, with_classifier_prefix
 from p4q_lightning.quant import (
     ActivationQuantizer,
     Log2Quantizer,
@@ -39,8 +40,6 @@ META_KEY = "p4q"
 QUANTIZER_TYPES = (ActivationQuantizer, WeightQuantizer, Log2Quantizer)
 PREFIX = "classifier."  # where P4QModule keeps its P4QClassifier
 FROZEN_PREFIXES = (PREFIX + "teacher.", PREFIX + "student.")
-# top-level names of checkpoints written before the classifier was its own module
-_UNPREFIXED = ("teacher.", "student.", "prompt_learner.", "adapter.")
 
 
 def kept_student_keys(module: LightningModule) -> set[str]:
@@ -53,11 +52,6 @@ def kept_student_keys(module: LightningModule) -> set[str]:
         if isinstance(sub, QUANTIZER_TYPES):
             keys.update(f"{PREFIX}student.{name}.{b}" for b, _ in sub.named_buffers(recurse=False))
     return keys
-
-
-def with_classifier_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Keys of an earlier checkpoint layout (``prompt_learner.ctx``) under ``classifier.``."""
-    return {(PREFIX + k if k.startswith(_UNPREFIXED) else k): v for k, v in state.items()}
 
 
 def is_rebuildable(key: str, kept: set[str]) -> bool:
@@ -86,7 +80,7 @@ def load_state_dict(
     if any(bool(getattr(m, "weights_frozen", False)) for _, m in quant_modules(model.student)):
         # Weights already on another calibration's grid: start again from the float weights.
         model.rebuild_student()
-    result = load(with_classifier_prefix(state), strict=False, assign=assign)
+    result = load(with_classifier_prefix(state, PREFIX), strict=False, assign=assign)
     kept = kept_student_keys(module)
     missing = [k for k in result.missing_keys if not is_rebuildable(k, kept)]
     unexpected = list(result.unexpected_keys)
