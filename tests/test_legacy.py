@@ -23,10 +23,6 @@ def _readers() -> set[str]:
 
 
 def test_every_reader_of_an_old_layout_is_on_the_list_and_every_listed_reader_reads_one():
-    listed = {
-        match
-        for layout in STILL_READ
-        for match in re.findall(r"[\w/]+\.py", layout.read_in)
-    }
+    listed = {match for layout in STILL_READ for match in re.findall(r"[\w/]+\.py", layout.read_in)}
     assert _readers() == listed
     assert all(layout.why and layout.written_by for layout in STILL_READ)

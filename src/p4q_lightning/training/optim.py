@@ -11,14 +11,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
-    from lightning.pytorch import LightningModule, Trainer
+if TYPE_CHECKING:
+    from p4q_lightning.args import OptimArgs
+    from p4q_lightning.model.classifier import P4QClassifier
+
+
+class FitLengths(Protocol):
+    """The trainer numbers the schedule needs (a ``lightning.pytorch.Trainer`` has them)."""
+
+    @property
+    def estimated_stepping_batches(self) -> int | float: ...
+    @property
+    def num_training_batches(self) -> int | float: ...
+    @property
+    def accumulate_grad_batches(self) -> int: ...
+    @property
+    def max_epochs(self) -> int | None: ...
 
 
 class PromptAdapterOptimizer(Optimizer):
@@ -91,9 +105,8 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def param_groups(module: LightningModule) -> list[dict[str, Any]]:
-    """One group per trainable part, named ``prompt`` and ``adapter``."""
-    hp, model = module.optim_args, module.classifier
+def param_groups(model: P4QClassifier, hp: OptimArgs) -> list[dict[str, Any]]:
+    """One group per trainable part of ``model``, named ``prompt`` and ``adapter``."""
     groups: list[dict[str, Any]] = []
     if model.prompt_learner is not None:
         groups.append(
@@ -120,7 +133,7 @@ def param_groups(module: LightningModule) -> list[dict[str, Any]]:
     return groups
 
 
-def schedule_lengths(trainer: Trainer, warmup_epochs: float) -> tuple[int, int]:
+def schedule_lengths(trainer: FitLengths, warmup_epochs: float) -> tuple[int, int]:
     """(warmup, total) optimiser steps of this fit, from the trainer's documented properties.
 
     ``estimated_stepping_batches`` loads the training loader if it is not loaded yet, so this
@@ -165,15 +178,14 @@ class WarmupCosineLR(LambdaLR):
         return [group["lr"] for group in self.optimizer.param_groups]
 
 
-def configure(module: LightningModule) -> dict[str, Any]:
-    """The optimiser and its step-wise schedule over this fit for the trainable parts of
-    ``module`` (attached to a trainer that is about to fit)."""
-    groups = param_groups(module)
+def configure(model: P4QClassifier, hp: OptimArgs, trainer: FitLengths) -> dict[str, Any]:
+    """The optimiser and its step-wise schedule over the fit ``trainer`` is about to run, for
+    the trainable parts of ``model`` (``configure_optimizers``' return value)."""
+    groups = param_groups(model, hp)
     if not groups:
-        raise ValueError(f"method={module.method!r} has no trainable parameters")
+        raise ValueError(f"method={model.method!r} has no trainable parameters")
     optimizer = PromptAdapterOptimizer(groups)
-    hp = module.optim_args
-    warmup, total = schedule_lengths(module.trainer, hp.warmup_epochs)
+    warmup, total = schedule_lengths(trainer, hp.warmup_epochs)
     lambdas = [
         WarmupCosine(
             hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0, warmup, total
