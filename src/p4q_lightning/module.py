@@ -310,10 +310,7 @@ class P4QModule(LightningModule):
             logits,
             labels,
             teacher_logits,
-            loss.ce_weight,
-            loss.distill_weight,
-            loss.distill_kind,
-            loss.temperature,
+            loss,
         )
         batch_size = labels.shape[0]
         # Per-step training logs stay rank-local (no collective per step); evaluation syncs.

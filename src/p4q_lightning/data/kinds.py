@@ -87,18 +87,7 @@ def _open_suite(request: DatasetRequest) -> ImageSource:
 
 def hub_source(request: DatasetRequest) -> HubSource:
     """The Hugging Face source of ``request`` with its ``hub`` options."""
-    hub = request.hub
-    return HubSource(
-        request.dataset,
-        hub.data_dir,
-        hub.config,
-        hub.image_column,
-        hub.label_column,
-        hub.train_split,
-        hub.val_split,
-        hub.test_split,
-        hub.cache_dir,
-    )
+    return HubSource.from_args(request.dataset, request.hub)
 
 
 def _open_hub_or_report_missing(request: DatasetRequest) -> ImageSource:

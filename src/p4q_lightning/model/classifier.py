@@ -129,17 +129,12 @@ class P4QClassifier(nn.Module):
         self.classnames = classnames
         if self.traits.trains_prompts:
             if self.prompt_learner is None:
-                p = self.prompt_args
-                self.prompt_learner = PromptLearner(
+                self.prompt_learner = PromptLearner.from_args(
                     classnames,
                     self.tokenizer,
                     TextTower(self.teacher).width,
-                    p.n_ctx,
-                    p.ctx_init,
+                    self.prompt_args,
                     TextTower(self.teacher).token_embedding,
-                    p.class_specific,
-                    p.class_token_position,
-                    p.init_std,
                     # the same on every rank and whenever setup() runs (DDP re-seeds per rank)
                     generator=seeding.generator("prompt", self.init_seed),
                 ).to(self.device)
