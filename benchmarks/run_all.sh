@@ -27,3 +27,4 @@ run benchmarks/bench_onnx.py --preset w4a4
 # ONNX graph vs the fake-quant student on the demo world (trains the demo's w8a8 and w4a4 runs)
 run benchmarks/onnx_agreement.py
 run benchmarks/bench_folder_index.py --rounds 5         # suite start: listed vs indexed folder
+run benchmarks/bench_sweep_frozen.py                    # sweep: frozen work once (store) vs every run

@@ -3,7 +3,7 @@
 ``p4q --help`` lists every command and ``--version`` answers without importing torch.
 ``fit``/``validate``/``test``/``predict`` (and ``--print_config``) are LightningCLI over
 :class:`~p4q_lightning.module.P4QModule` and any LightningDataModule (``data.class_path``).
-``export``, ``compare``, ``demo`` and ``import-official`` dispatch to
+``run``, ``sweep``, ``export``, ``compare``, ``demo`` and ``import-official`` dispatch to
 ``p4q_lightning.commands.<name>.main(argv)`` (``-`` read as ``_``), which receives the arguments
 after the sub-command name.
 """
@@ -24,13 +24,15 @@ from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("export", "compare", "demo", "import-official")
+SUBCOMMANDS = ("run", "sweep", "export", "compare", "demo", "import-official")
 # every command, in the order the overview lists them, with its one-line summary
 COMMANDS = {
     "fit": "train (LightningCLI): fit --config experiments/vitb32_4bit.yaml",
     "validate": "evaluate a checkpoint on the validation split",
     "test": "evaluate on the test split; --ckpt_path last finds the fit's run directory",
     "predict": "write predictions.csv (top-5 classes per image) into the run directory",
+    "run": "fit then test in one process (the unit of a sweep); skips a finished run",
+    "sweep": "run a W&B grid sweep file locally, as a SLURM array (--slurm) or one point",
     "export": "write the low-bit model (packed safetensors, or --format onnx) from a checkpoint",
     "compare": "gather run directories into one table (mean ± std over seeds) and a plot",
     "demo": "the embedded CPU demo: P4Q / PTQ / CoOp on a synthetic world",

@@ -134,3 +134,57 @@ def accuracy_vs_bits_and_shots(rows: Sequence[Mapping[str, Any]], path: str | Pa
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+Points = Mapping[str, Mapping[str, Sequence[tuple[float, float, float]]]]
+
+
+def _panels(points: Points, xlabel: str, path: str | Path, title: str, log2_x: bool) -> Path:
+    """One panel per key of ``points`` (a line per series: x, mean, std; the std as a band),
+    one legend beside the panels with the full series names."""
+    names = list(points)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    series = sorted({s for panel in points.values() for s in panel})
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(series)}
+    styles = {s: "--" if s.startswith(("fp32 zero-shot", "ptq")) else "-" for s in series}
+    for ax, name in zip(axes.flat, names, strict=False):
+        for s in series:
+            pts = sorted(points[name].get(s, ()))
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts])
+            mean = np.array([p[1] for p in pts])
+            std = np.array([p[2] for p in pts])
+            ax.plot(x, mean, styles[s], marker="o", color=colors[s], label=s)
+            if np.any(std > 0):
+                ax.fill_between(x, mean - std, mean + std, color=colors[s], alpha=0.2)
+        xs = sorted({p[0] for pts in points[name].values() for p in pts})
+        if log2_x and xs and min(xs) > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colors[s], ls=styles[s], marker="o") for s in series]
+    fig.legend(handles, series, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fewshot_curves(points: Points, path: str | Path) -> Path:
+    """Top-1 vs shots per dataset (and the average), a line per method and bits, mean ± std
+    over seeds as a band (CoOp's Figure 3)."""
+    return _panels(
+        points, "shots per class", path, "few-shot top-1 (mean ± std over seeds)", log2_x=True
+    )
+
+
+def accuracy_vs_bits(points: Points, path: str | Path) -> Path:
+    """Top-1 vs weight bits per dataset, a line per method, mean ± std over seeds as a band."""
+    return _panels(points, "weight bits", path, "top-1 vs bit width (mean ± std over seeds)", True)

@@ -68,13 +68,15 @@ def _fill_wandb(
     (only the first rank creates the id; W&B logs from that rank alone)."""
     defaults = {
         "name": ident.wandb_name,
-        "group": ident.wandb_group,
+        "group": rundir.sweep_group() or ident.wandb_group,  # a sweep's runs: one group
         "tags": ident.wandb_tags,
         "job_type": job_type,
     }
     for key, value in defaults.items():
         if args.get(key) is None:
             args[key] = value
+    if rundir.agent_run_id():  # a W&B sweep agent made the run: keep its id
+        return
     if args.get("id") is None and args.get("version") is None:
         args["id"] = rundir.wandb_run_id(directory, create=create)
 
@@ -117,6 +119,18 @@ def _fill_preprocess(cfg: Namespace) -> None:
     for key in missing:
         value = found[key]
         args[key] = list(value) if isinstance(value, tuple) else value
+
+
+def _apply_seed(cfg: Namespace) -> None:
+    """``--seed N``: the training seed and the datamodule's split seed both become N."""
+    seed = cfg.get("seed")
+    if seed is None:
+        return
+    cfg.seed_everything = seed
+    data = cfg.get("data")
+    args = data.get("init_args") if isinstance(data, Namespace) else None
+    if args is not None and "seed" in args:
+        args.seed = seed
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -172,9 +186,10 @@ class P4QCLI(LightningCLI):
         """Parse, and keep the model options as asked for: with ``--ckpt_path FILE``, LightningCLI
         then replaces them with the checkpoint's (see :meth:`_check_checkpoint_settings`)."""
         super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        _apply_seed(self.config[sub] if sub else self.config)
         given = args if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
         self._model_flags = _model_flags(given)
-        sub = self.config.get("subcommand")
         model = (self.config[sub] if sub else self.config).get("model")
         self._requested_model = _flat(model) if model is not None else None
 
@@ -219,6 +234,13 @@ class P4QCLI(LightningCLI):
             default=None,
             help="Directory of this run (default: <trainer.default_root_dir or runs>/<dataset>/"
             "<model>/<method>-<bits>/<shots>shot-seed<seed>).",
+        )
+        parser.add_argument(
+            "--seed",
+            type=int | None,
+            default=None,
+            help="CoOp's seed: sets seed_everything and data.init_args.seed (the few-shot split) "
+            "together, so one sweep parameter varies both.",
         )
         parser.add_argument(
             "--overwrite",

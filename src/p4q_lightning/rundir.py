@@ -10,6 +10,7 @@ Pure functions over the plain config dict, so they are testable without building
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -28,6 +29,8 @@ WANDB_ID_FILE = "wandb_id"
 FIT_CONFIG = "config.yaml"
 # written when a fit completes its first training step: from then on the directory holds a run
 TRAINED_MARKER = "trained"
+# written by `p4q run` once the run's test is done: a sweep skips a directory that holds it
+RESULTS_FILE = "results.json"
 # what a run writes into its directory; `--overwrite true` removes exactly these
 RUN_ARTEFACTS = (
     FIT_CONFIG,
@@ -37,9 +40,16 @@ RUN_ARTEFACTS = (
     "predictions.csv",
     WANDB_ID_FILE,
     TRAINED_MARKER,
+    RESULTS_FILE,
 )
 # what only a run that got somewhere writes (a fit that failed before its first step writes none)
-RESULT_ARTEFACTS = ("comparison", "model-lowbit.safetensors", "predictions.csv", TRAINED_MARKER)
+RESULT_ARTEFACTS = (
+    "comparison",
+    "model-lowbit.safetensors",
+    "predictions.csv",
+    TRAINED_MARKER,
+    RESULTS_FILE,
+)
 
 
 def slug(text: Any) -> str:
@@ -260,3 +270,23 @@ def wandb_run_id(directory: Path, create: bool) -> str | None:
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id
+
+
+# set by `p4q sweep` (local and SLURM) for its runs; a W&B agent sets WANDB_SWEEP_ID
+SWEEP_GROUP_ENV = "P4Q_SWEEP_GROUP"
+
+
+def sweep_group() -> str | None:
+    """The W&B group of every run of the sweep this process belongs to, or None outside one."""
+    name = os.environ.get(SWEEP_GROUP_ENV, "").strip()
+    if name:
+        return name
+    sweep = os.environ.get("WANDB_SWEEP_ID", "").strip()
+    return f"sweep-{sweep}" if sweep else None
+
+
+def agent_run_id() -> str | None:
+    """The run id a W&B sweep agent gave this process (it must be the id the run logs to)."""
+    if not os.environ.get("WANDB_SWEEP_ID", "").strip():
+        return None
+    return os.environ.get("WANDB_RUN_ID", "").strip() or None

@@ -15,6 +15,8 @@ from p4q_lightning import distributed
 from p4q_lightning.quant import group_statistics
 from p4q_lightning.quant.calibrate import CALIB_BATCH_SIZE
 from p4q_lightning.quant.quantizer import CachedBufferState
+from p4q_lightning.training import frozen_store
+from p4q_lightning.training.feature_cache import dataset_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +85,67 @@ class CalibrationCallback(Callback):
 
     def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = getattr(pl_module, "classifier", None)  # a P4QClassifier (P4QModule has one)
-        if model is None or not model.needs_calibration:
+        if model is None:
+            return
+        self._teacher_text(model, pl_module)
+        if not model.needs_calibration:
             return
         images = self._calibration_images(trainer)
         start = time.perf_counter()
-        stats = model.calibrate(
-            images,
-            model.calibration_texts(self.max_texts),
-            progress=self.progress and trainer.is_global_zero,
-            batch_size=calibration_batch_size(trainer.datamodule),
+
+        def compute() -> dict[str, dict[str, float]]:
+            return model.calibrate(
+                images,
+                model.calibration_texts(self.max_texts),
+                progress=self.progress and trainer.is_global_zero,
+                batch_size=calibration_batch_size(trainer.datamodule),
+            )
+
+        # stored once per sweep in model.features.cache_dir, keyed by what determines it
+        # (without a store it is computed, and timed alike)
+        store = getattr(getattr(pl_module, "features_args", None), "cache_dir", None)
+        key = ""
+        if store is not None:
+            loader = images.loader
+            fingerprint = dataset_fingerprint(
+                loader.dataset, {"data": frozen_store.calibration_data(trainer.datamodule)}
+            )
+            key = frozen_store.calibration_key(
+                model, pl_module, fingerprint, calibration_batch_size(trainer.datamodule),
+                self.max_texts,
+            )  # fmt: skip
+        stats, loaded = frozen_store.load_or_compute(
+            store,
+            f"calibration-{key}.pt",
+            compute,
+            lambda value: frozen_store.calibrated_state(model, value),
+            lambda payload: frozen_store.restore_calibration(model, payload),
+            kind="calibration",
         )
+        if loaded:
+            log.info("loaded the calibrated student from %s", store)
         distributed.broadcast_in_place(calibration_buffers(model), 0, pl_module.device)
         self.seconds = time.perf_counter() - start
         self.stats = group_statistics(stats, model.student) if stats else {}
         self._log(trainer)
+
+    @staticmethod
+    def _teacher_text(model: Any, pl_module: LightningModule) -> None:
+        """The float teacher's template class embeddings from the frozen-work store (computed
+        and stored once per model, classes and templates)."""
+        store = getattr(getattr(pl_module, "features_args", None), "cache_dir", None)
+        if model.teacher_text == "prompt" or model._teacher_text is not None:
+            return
+        key = frozen_store.teacher_text_key(model) if store is not None else ""
+        features, _ = frozen_store.load_or_compute(
+            store,
+            f"teacher-text-{key}.pt",
+            lambda: model.teacher_text_features().detach().cpu(),
+            lambda value: value,
+            lambda payload: payload,
+            kind="teacher_text",
+        )
+        model._teacher_text = features.to(model.device)
 
     @staticmethod
     def _calibration_images(trainer: Trainer) -> Any:

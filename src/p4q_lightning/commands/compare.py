@@ -9,7 +9,10 @@ over seeds (CoOp's result parser reports the same). Runs with several test sets 
 generalisation, cross-dataset, base-to-novel) give a row per test set; base-to-novel runs also
 get ``hm``, the harmonic mean of the mean base and mean new accuracy (CoCoOp's H). Writes
 ``sweep.csv`` (one row per test set, method, bits and seed), ``summary.csv``, ``summary.md`` and
-``sweep.png``, and prints the markdown table.
+``sweep.png``, and prints the markdown table; the reports papers print (per-dataset table with
+the average, few-shot curves, base/new/HM, domain generalisation, accuracy vs bits: see
+:mod:`p4q_lightning.reports`) are written beside them where the runs have their shape, and
+``--wandb`` logs all of it to one W&B run.
 
 Trained runs are never merged: runs of one method and bits whose saved configs differ in a
 setting (a learning rate, the epochs, ...) form their own groups, the setting shown beside the
@@ -413,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         "runs", nargs="+", help="run directories, globs (quoted) or comparison.json files"
     )
     parser.add_argument("--out", type=Path, default=Path("p4q-compare"), help="output directory")
+    parser.add_argument(
+        "--wandb",
+        nargs="?",
+        const="p4q-compare",
+        default=None,
+        metavar="PROJECT",
+        help="also log the tables and figures to W&B (project, default p4q-compare)",
+    )
     args = parser.parse_args(argv)
     files, skipped = find_results(args.runs)
     rows, bad, settings = load_rows(files)
@@ -448,10 +459,24 @@ def main(argv: list[str] | None = None) -> int:
     own = [r for r in summary if r.get("own_test_set", True)]  # one test set per experiment
     plotted = [{**r, "method": method_label(r)} for r in own]
     accuracy_vs_bits_and_shots(plotted, args.out / "sweep.png")
+    from p4q_lightning.reports import dataset_markdown, dataset_tables, write_reports
+
+    reports = write_reports(summary, args.out)
     runs = len(files) - len(bad)
     sys.stdout.write(f"{runs} runs, {len(rows)} rows (mean ± std over seeds)\n\n{table}")
-    written = ", ".join(str(args.out / n) for n in ("sweep.csv", "summary.csv", "summary.md"))
-    sys.stdout.write(f"\nwrote {written}, {args.out / 'sweep.png'}\n")
+    if len({r["dataset"] for r in own}) > 1:  # CoOp's layout: a column per dataset + average
+        sys.stdout.write("\n" + dataset_markdown(dataset_tables(summary)))
+    names = ["sweep.csv", "summary.csv", "summary.md", "sweep.png"]
+    written = ", ".join([*(str(args.out / n) for n in names), *map(str, reports.values())])
+    sys.stdout.write(f"\nwrote {written}\n")
+    if args.wandb:
+        from p4q_lightning.reports import log_to_wandb
+        from p4q_lightning.rundir import sweep_group
+        from p4q_lightning.wandb_mode import resolve_wandb_mode
+
+        resolve_wandb_mode()
+        files_out = {"summary_csv": args.out / "summary.csv", "sweep_png": args.out / "sweep.png"}
+        log_to_wandb({**files_out, **reports}, args.wandb, sweep_group())
     return 0
 
 

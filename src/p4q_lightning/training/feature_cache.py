@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from p4q_lightning.distributed import all_agree, broadcast, world
 from p4q_lightning.files import atomic_write
 from p4q_lightning.seeding import seeded_global_rng
+from p4q_lightning.training.frozen_store import load_or_compute
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,18 @@ def load_or_build(
     device: torch.device | str = "cpu",
 ) -> FeatureCache:
     """Load ``features-<key>.pt`` from ``cache_dir`` or build it and write it atomically."""
+    if world()[1] == 1:  # one process: under the store's lock, so concurrent runs build once
+        cache, loaded = load_or_compute(
+            cache_dir,
+            f"features-{key}.pt",
+            build,
+            FeatureCache.to_dict,
+            lambda payload: FeatureCache(**payload),
+            kind="features",
+        )
+        if cache_dir is not None:
+            log.info("%s image features in %s", "loaded cached" if loaded else "stored", cache_dir)
+        return cache
     if cache_dir is None:
         return build()
     path = Path(cache_dir).expanduser() / f"features-{key}.pt"
