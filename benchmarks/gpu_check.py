@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="p4q-tiny and a few classes (CPU check)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: 1 with --device cpu)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     for noisy in ("lightning", "lightning.pytorch", "root", "open_clip"):
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(
             "--device cuda but torch sees no CUDA GPU; use --device cpu --tiny for the CPU check"
         )
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)  # a second thread mostly waits on shared CPUs
     cfg = TINY if args.tiny else FULL
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -327,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "model": cfg["model"],
         "tiny": args.tiny,
+        "threads": torch.get_num_threads(),
         "steps": [],
     }
     precisions = ["32-true", "bf16-mixed"]

@@ -5,8 +5,10 @@ after EOT reaches the EOT output), pool at EOT, and process classes in pieces. P
 are cut from the classes sorted by prompt length and each piece is truncated to its own longest
 prompt, so a class list with a few long names (ImageNet's longest prompt is over three times its
 median) does not pad every class to the longest one: the cost stays linear in the number of
-classes. With ``checkpointing`` each chunk keeps only its input for the backward pass, so a
-1,000-class step fits in memory; only input gradients flow (the tower's weights are frozen).
+classes. With ``checkpointing`` each chunk keeps only its input and the outputs of its
+non-widening matmuls (selective checkpointing) for the backward pass, which recomputes the
+rest, so a 1,000-class step fits in memory; only input gradients flow (the tower's weights are
+frozen).
 Prompts that share their first positions (a unified CoOp context before the class name) run that
 prefix once (:mod:`~p4q_lightning.model.shared_prefix`); pieces and checkpointing apply to the
 rest.
@@ -16,11 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from p4q_lightning.model import shared_prefix as sp
 from p4q_lightning.quant.convert import text_tower_root
@@ -168,13 +175,39 @@ def encode_prompts(
     ):
         chunk = chunk[:, :length]
         if use_ckpt:
-            outputs.append(checkpoint(encode, chunk, eot, *extra, use_reentrant=False))
+            outputs.append(
+                checkpoint(
+                    encode, chunk, eot, *extra, use_reentrant=False, context_fn=_keep_narrow_matmuls
+                )
+            )
         else:
             outputs.append(encode(chunk, eot, *extra))
     features = torch.cat(outputs, dim=0)
     if order is None:
         return features
     return features.index_select(0, torch.argsort(order))
+
+
+_MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+
+
+def _narrow_matmul_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Keep the output of a linear layer that does not widen its input (the MLP's output
+    projection, attention's output projection); recompute everything else.
+
+    Their outputs are the fewest bytes per FLOP saved (the MLP's is ``width`` values per
+    position for ``4 * width**2`` multiply-adds), so keeping them removes about 5/12 of the
+    linear layers' recomputation for a small fraction of the chunk's activations.
+    """
+    if op in _MATMULS:
+        a, b = args[-2], args[-1]
+        if a.shape[-1] >= b.shape[-1]:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_narrow_matmuls() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_narrow_matmul_policy)
 
 
 #: A piece costs about this many extra prompt positions of work (kernel launches, the per-layer
