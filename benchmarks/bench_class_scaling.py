@@ -145,6 +145,31 @@ def one(n: int, chunked: bool, args: argparse.Namespace) -> dict:
     }
 
 
+def weight_accounting(model_name: str) -> str:
+    """What a fit from the cache keeps and releases, counted from the architecture (built on
+    the meta device: no memory, no weights): the step's text tower without its token table
+    against the teacher, the student's image tower and token table (float32, as held)."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    from p4q_lightning.training.residency import MIN_NUMEL
+
+    with torch.device("meta"):
+        m = CLIP(**open_clip.get_model_config(model_name))
+
+    def big(params) -> int:  # type: ignore[no-untyped-def]
+        return sum(p.numel() for p in params if p.numel() >= MIN_NUMEL)
+
+    kept = big([*m.transformer.parameters(), m.positional_embedding, m.text_projection])
+    released = big(m.parameters()) + big(m.visual.parameters()) + m.token_embedding.weight.numel()
+    both = 2 * sum(p.numel() for p in m.parameters())
+    gib = 4 / 2**30
+    return (
+        f"| {model_name} | {both * gib:.2f} | {kept * gib:.2f} | {released * gib:.2f} | "
+        f"{kept / 2**30:.2f} |"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ViT-B-32")
@@ -214,6 +239,13 @@ def main() -> None:
             f"{r['peak_steps_mb'] / 1024:.2f} | {r['peak_before_steps_mb'] / 1024:.2f} | "
             f"{r['peak_rss_mb'] / 1024:.2f} |"
         )
+    print(
+        "\n| frozen weights, float32 | teacher + student (GiB) | kept for the cached step "
+        "(GiB) | released during the fit (GiB) | kept, as int8 codes (GiB) |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name in dict.fromkeys([args.model, "ViT-L-14"]):
+        print(weight_accounting(name))
     plain = [r for r in rows if not r["chunked"]]
     for r in rows:
         if r["chunked"]:
