@@ -10,7 +10,9 @@ It prints one JSON object (progress goes to stderr) with:
   public path), random ViT-B-32 weights, batch 32, 16 context vectors, at 100 and 1,000
   classes, in ``32-true`` and ``bf16-mixed``; 1,000 classes also with the ImageNet configs'
   ``chunk_size: 250`` + checkpointing. Median step time and peak GPU memory of each
-  (``torch.cuda.max_memory_allocated`` over the fit; on a CPU the process's peak RSS instead).
+  (``torch.cuda.max_memory_allocated``; on a CPU the process's peak RSS instead), for the
+  training steps (the frozen towers released) and for everything before them (build,
+  calibration, feature cache).
 - ``image_tower``: images/s of the float open_clip image tower, the calibrated w4a4 student
   (fake quantization) and the same student with real int8 GEMMs (``convert_to_int8``,
   ``torch._int_mm`` on CUDA), in inference mode.
@@ -101,6 +103,11 @@ def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:  # the process's peak RSS (VmHWM) starts afresh (Linux >= 4.0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # not Linux: the peak stays the process's
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -150,9 +157,17 @@ def _step(cfg: dict[str, Any], device: torch.device, n: int, precision: str, chu
     images = torch.randn(2 * cfg["batch"], 3, size, size, generator=gen)
 
     class SyncedTimer(StepTimer):
+        peak_before = peak_steps = 0.0
+
         def on_train_batch_start(self, *args: Any) -> None:
             _sync(device)
+            if not self.times and not self.peak_before:  # first step: cache filled, towers out
+                self.peak_before = _peak_mb(device)
+                _reset_peak(device)
             super().on_train_batch_start(*args)
+
+        def on_train_end(self, *args: Any) -> None:  # before the module reads the towers back
+            self.peak_steps = _peak_mb(device)
 
         def on_train_batch_end(self, *args: Any) -> None:
             _sync(device)
@@ -183,7 +198,8 @@ def _step(cfg: dict[str, Any], device: torch.device, n: int, precision: str, chu
         "step_s": round(statistics.median(times), 5),
         "step_s_min": round(min(times), 5),
         "step_s_max": round(max(times), 5),
-        "peak_mb": round(_peak_mb(device), 1),
+        "peak_mb_steps": round(timer.peak_steps, 1),
+        "peak_mb_before_steps": round(timer.peak_before, 1),
         "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }
     del trainer, module

@@ -154,3 +154,31 @@ def test_template_classifier_is_the_normalised_mean_of_normalised_templates(clip
         torch.testing.assert_close(got[i], F.normalize(f, dim=-1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="placeholder"):
         template_text_features(model, tok, NAMES, ["no slot"])
+
+
+def test_checkpointing_keeps_the_narrow_matmuls_instead_of_recomputing_them(
+    clip, student, monkeypatch
+):
+    """Selective checkpointing: the backward recomputes fewer FLOPs than a whole-chunk
+    recomputation (the features and gradients are the same, see above)."""
+    from torch.utils.checkpoint import noop_context_fn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tower = TextTower(student)
+    pl = PromptLearner(NAMES, clip[1], tower.width, n_ctx=4)
+    pl.set_token_embedding(tower.token_embedding)
+
+    def flops() -> int:
+        with FlopCounterMode(display=False) as counter:
+            encode_prompts(
+                student, pl(), pl.eot_index, chunk_size=2, checkpointing=True
+            ).sum().backward()
+        return counter.get_total_flops()
+
+    selective = flops()
+    monkeypatch.setattr(text_encoder, "_keep_narrow_matmuls", noop_context_fn)
+    whole = flops()
+    with FlopCounterMode(display=False) as counter:
+        encode_prompts(student, pl(), pl.eot_index, chunk_size=2).sum().backward()
+    plain = counter.get_total_flops()
+    assert plain < selective < whole

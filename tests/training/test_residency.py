@@ -115,3 +115,23 @@ def test_after_a_failed_fit_the_next_stage_brings_the_weights_back(world, tmp_pa
     assert 0 <= result["val/top1"] <= 1
     assert all(p.numel() > 0 for p in module.classifier.teacher.parameters())
     assert all(p.numel() > 0 for p in module.classifier.student.parameters())
+
+
+def test_frozen_offload_round_trip_is_bitwise_and_keeps_the_parameter_objects():
+    towers = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 128))
+    kept = towers[1]
+    towers.requires_grad_(False)
+    before = {k: v.clone() for k, v in towers.state_dict().items()}
+    params = list(towers.parameters())
+    offload = FrozenOffload([towers], keep=[kept])
+    assert offload.nbytes == 128 * 64 * 4  # only the first weight: kept and small ones stay
+    offload.release()
+    assert towers[0].weight.numel() == 0 and towers[1].weight.numel() == 128 * 64
+    offload.release()  # twice is once
+    offload.restore()
+    assert list(towers.parameters()) == params
+    for k, v in towers.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    offload.release()  # written once: released again without rewriting
+    offload.close()
+    assert towers[0].weight.numel() == 128 * 64 and offload._dir is None
