@@ -75,7 +75,8 @@ def main() -> None:
     calib = [torch.randn(8, 3, size, size, generator=gen) for _ in range(2)]
     module.classifier.calibrate(calib, progress=False)
     module.classifier.teacher_text_features()  # computed once per run, not per step
-    optimizer = PromptAdapterOptimizer(param_groups(module))  # no Trainer: no schedule needed
+    # no Trainer: no schedule needed
+    optimizer = PromptAdapterOptimizer(param_groups(module.classifier, module.optim_args))
     module.train()
 
     images = torch.randn(args.batch, 3, size, size, generator=gen)

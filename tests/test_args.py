@@ -11,7 +11,6 @@ import torch
 
 import tiny_world
 from p4q_lightning.args import (
-    _FLAT_NAMES,
     GROUPS,
     AdapterArgs,
     FeatureArgs,
@@ -19,8 +18,8 @@ from p4q_lightning.args import (
     OptimArgs,
     PromptArgs,
     as_group,
-    group_flat_hparams,
 )
+from p4q_lightning.legacy import FLAT_NAMES, group_flat_hparams
 from p4q_lightning.module import P4QModule
 
 
@@ -62,9 +61,9 @@ def test_bad_values_fail_when_the_group_is_made(make, message):
         make()
 
 
-@pytest.mark.parametrize("old", list(_FLAT_NAMES))
+@pytest.mark.parametrize("old", list(FLAT_NAMES))
 def test_every_earlier_flat_name_lands_in_its_group(old):
-    group, field = _FLAT_NAMES[old]
+    group, field = FLAT_NAMES[old]
     value = getattr(GROUPS[group](), field)
     grouped = group_flat_hparams({"method": "p4q", old: value})
     assert grouped == {"method": "p4q", group: {field: value}}

@@ -121,7 +121,7 @@ def test_missing_relative_folder_is_not_mistaken_for_a_hub_id(world, tmp_path, c
     def no_hub(*args, **kwargs):
         raise AssertionError("a local-looking path went to the hub")
 
-    monkeypatch.setattr(kinds, "HubSource", no_hub)
+    monkeypatch.setattr(kinds.HubSource, "from_args", no_hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     cfg = config(world, tmp_path, model={"method": "ptq"}, data=folder_data("data/does_not_exist"))

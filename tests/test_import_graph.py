@@ -64,6 +64,10 @@ def test_the_import_graph_is_acyclic():
         ("quant", "data"),
         ("training", "module"),
         ("model", "module"),
+        ("model", "demo"),
+        ("model", "training"),
+        ("quant", "demo"),
+        ("quant", "training"),
         ("data", "training"),
         ("data", "module"),
     ],
@@ -78,3 +82,13 @@ def test_layers_do_not_reach_upwards(importer: str, imported: str):
         if t == target or t.startswith(target + ".")
     }
     assert not offending, offending
+
+
+def test_nothing_in_training_is_typed_on_the_lightning_module():
+    """The training helpers take the classifier, option groups and trainer numbers they use."""
+    typed = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "training").rglob("*.py")
+        if "LightningModule" in path.read_text()
+    ]
+    assert not typed, typed

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from p4q_lightning.args import LossArgs
 from p4q_lightning.losses import contrastive_loss, cosine_logits, distillation_loss, p4q_loss
 
 
@@ -41,7 +42,7 @@ def test_teacher_gets_no_gradient(kind):
 
 def test_p4q_loss_weights_and_parts():
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
-    parts = p4q_loss(s, y, t, ce_weight=0.5, distill_weight=2.0)
+    parts = p4q_loss(s, y, t, LossArgs(ce_weight=0.5, distill_weight=2.0))
     torch.testing.assert_close(parts["ce"], contrastive_loss(s, y))
     torch.testing.assert_close(parts["loss"], 0.5 * parts["ce"] + 2.0 * parts["distill"])
     assert set(p4q_loss(s, y)) == {"ce", "loss"}

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from p4q_lightning.args import group_flat_hparams
 from p4q_lightning.data.feature_serving import FeatureServing
 from p4q_lightning.data.seeded import seeded_train_loader
+from p4q_lightning.legacy import group_flat_hparams
 
 MODEL_NAME = "tiny-test-vit"
 # min-max activation ranges: fast calibration (OMSE's shrink search is what makes it slow)

@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# The demo's pretrained tags (``synthetic[:seed]``) are resolvable wherever the package is used;
+# this imports only the registry and the name parser (no torch).
+import p4q_lightning.demo  # noqa: E402,F401
+
 _LAZY = {
     "load_clip": "p4q_lightning.model.clip",
     "QuantSpec": "p4q_lightning.quant",

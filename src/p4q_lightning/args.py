@@ -151,35 +151,6 @@ GROUPS: dict[str, type] = {
     "features": FeatureArgs,
 }
 
-# Flat option names before the groups existed (checkpoints and configs of earlier versions).
-_FLAT_NAMES: dict[str, tuple[str, str]] = {
-    "n_ctx": ("prompt", "n_ctx"),
-    "ctx_init": ("prompt", "ctx_init"),
-    "class_specific": ("prompt", "class_specific"),
-    "class_token_position": ("prompt", "class_token_position"),
-    "ctx_init_std": ("prompt", "init_std"),
-    "text_chunk_size": ("prompt", "chunk_size"),
-    "text_checkpointing": ("prompt", "checkpointing"),
-    "adapter_reduction": ("adapter", "reduction"),
-    "adapter_ratio": ("adapter", "ratio"),
-    "adapter_bias": ("adapter", "bias"),
-    "ce_weight": ("loss", "ce_weight"),
-    "distill_weight": ("loss", "distill_weight"),
-    "distill_kind": ("loss", "distill_kind"),
-    "distill_temperature": ("loss", "temperature"),
-    "teacher_text": ("loss", "teacher_text"),
-    "prompt_lr": ("optim", "prompt_lr"),
-    "prompt_momentum": ("optim", "prompt_momentum"),
-    "prompt_weight_decay": ("optim", "prompt_weight_decay"),
-    "adapter_lr": ("optim", "adapter_lr"),
-    "adapter_weight_decay": ("optim", "adapter_weight_decay"),
-    "adapter_eps": ("optim", "adapter_eps"),
-    "warmup_epochs": ("optim", "warmup_epochs"),
-    "warmup_lr": ("optim", "warmup_lr"),
-    "feature_views": ("features", "views"),
-    "feature_cache_dir": ("features", "cache_dir"),
-}
-
 T = TypeVar("T")
 
 
@@ -201,41 +172,6 @@ def as_group(cls: type[T], value: T | Mapping[str, Any] | None, name: str) -> T:
             f"its options are {', '.join(sorted(fields))}"
         )
     return cls(**value)
-
-
-def group_flat_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Hyperparameters of an earlier version (flat ``n_ctx``, ``prompt_lr``...) in groups.
-
-    ``adapter: true/false`` becomes ``adapter.enabled``. Grouped input is returned unchanged.
-    """
-    out: dict[str, Any] = {}
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in hparams.items():
-        if key == "adapter" and isinstance(value, bool):
-            grouped.setdefault("adapter", {})["enabled"] = value
-        elif key in _FLAT_NAMES:
-            group, field = _FLAT_NAMES[key]
-            grouped.setdefault(group, {})[field] = value
-        else:
-            out[key] = value
-    for group, values in grouped.items():
-        existing = out.get(group)
-        base = dataclasses.asdict(existing) if dataclasses.is_dataclass(existing) else existing
-        out[group] = {**(dict(base) if isinstance(base, Mapping) else {}), **values}
-    return out
-
-
-def moved_options(model: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(old, new)`` names of the flat options in a config's model section (earlier layout),
-    e.g. ``("model.n_ctx", "model.prompt.n_ctx")``."""
-    moved = []
-    for key, value in model.items():
-        if key == "adapter" and isinstance(value, bool):
-            moved.append(("model.adapter: true/false", "model.adapter.enabled"))
-        elif key in _FLAT_NAMES:
-            group, field = _FLAT_NAMES[key]
-            moved.append((f"model.{key}", f"model.{group}.{field}"))
-    return moved
 
 
 def _check_choice(name: str, value: str, choices: str) -> None:

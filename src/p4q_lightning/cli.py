@@ -227,7 +227,7 @@ def option_error(err: BaseException, args: Sequence[str]) -> str | None:
 def refuse_moved_options(args: Sequence[str]) -> None:
     """A config or flag of the layout before the option groups fails in one line that names
     each option's new place (instead of jsonargparse's usage text)."""
-    from p4q_lightning.args import moved_options
+    from p4q_lightning.legacy import moved_options
 
     moved: list[tuple[str, str]] = []
     for i, arg in enumerate(args):

@@ -19,6 +19,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def global_rank() -> int:
+    """This process's rank: the process group's, else the one Lightning read from the launch
+    environment (set before the group exists, e.g. in ``prepare_data``), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True only if ``flag`` is true on every rank (so all ranks take the same branch)."""
     if world()[1] == 1:

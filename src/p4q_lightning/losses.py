@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from p4q_lightning.args import LossArgs
+
 DistillKind = Literal["kd", "official"]
 
 
@@ -56,18 +58,19 @@ def p4q_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
-    ce_weight: float = 1.0,
-    distill_weight: float = 1.0,
-    kind: DistillKind = "kd",
-    temperature: float = 1.0,
+    loss: LossArgs | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The weighted sum ``ce_weight · CE + distill_weight · L_dist`` and its parts."""
+    """The weighted sum ``ce_weight · CE + distill_weight · L_dist`` and its parts, with the
+    weights, distillation kind and temperature of the ``loss`` options (defaults: None)."""
+    loss = loss or LossArgs()
     ce = contrastive_loss(student_logits, labels)
     parts = {"ce": ce}
-    total = ce_weight * ce
-    if teacher_logits is not None and distill_weight:
-        dist = distillation_loss(student_logits, teacher_logits, kind, temperature)
+    total = loss.ce_weight * ce
+    if teacher_logits is not None and loss.distill_weight:
+        dist = distillation_loss(
+            student_logits, teacher_logits, loss.distill_kind, loss.temperature
+        )
         parts["distill"] = dist
-        total = total + distill_weight * dist
+        total = total + loss.distill_weight * dist
     parts["loss"] = total
     return parts

@@ -199,7 +199,14 @@ class P4QModule(LightningModule):
             warnings.filterwarnings(
                 "ignore", message=r".*module\(s\) in eval mode at the start of training"
             )
-            self._train_source = TrainFeatureSource.attach(self)
+            identity = ("model_name", "pretrained", "model_config", "init_seed")
+            self._train_source = TrainFeatureSource.attach(
+                self.trainer,
+                self.classifier,
+                self.features_args,
+                distills=self.distills,
+                identity={k: self.hparams[k] for k in identity},
+            )
 
     def _setup_extra_test_sets(self) -> None:
         """Metrics for each test set after the run's own (``test/<name>/top1``...)."""
@@ -306,10 +313,7 @@ class P4QModule(LightningModule):
             logits,
             labels,
             teacher_logits,
-            loss.ce_weight,
-            loss.distill_weight,
-            loss.distill_kind,
-            loss.temperature,
+            loss,
         )
         batch_size = labels.shape[0]
         # Per-step training logs stay rank-local (no collective per step); evaluation syncs.
@@ -330,7 +334,7 @@ class P4QModule(LightningModule):
                 )
 
     def configure_optimizers(self) -> Any:
-        return optim.configure(self)
+        return optim.configure(self.classifier, self.optim_args, self.trainer)
 
     def on_train_start(self) -> None:
         self._trained = True
@@ -484,20 +488,26 @@ class P4QModule(LightningModule):
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Only what a run cannot rebuild: prompts, adapter, quantizer parameters."""
         return checkpointing.filter_state_dict(
-            self, super().state_dict(*args, **kwargs), kwargs.get("prefix", "")
+            self.classifier, super().state_dict(*args, **kwargs), kwargs.get("prefix", "")
         )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._trained = True
         return checkpointing.load_state_dict(
-            self, state_dict, strict, assign, super().load_state_dict
+            self.classifier, state_dict, strict, assign, super().load_state_dict
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpointing.save_metadata(self, checkpoint)
+        checkpointing.save_metadata(self.classifier, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpointing.load_metadata(self, checkpoint)
+        trainer = self._attached_trainer()  # none in load_from_checkpoint and p4q export
+        source = trainer.ckpt_path if trainer is not None else None
+        classes = checkpointing.load_metadata(
+            self.classifier, checkpoint, self.hparams, str(source) if source else "being loaded"
+        )
+        if classes is not None:
+            self.set_classes(*classes)
 
 
 def _is_empty(batch: Any) -> bool:

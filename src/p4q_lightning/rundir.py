@@ -89,13 +89,22 @@ class RunIdentity:
         ]
 
 
+FLOAT_BITS = "fp32"
+
+
+def bits_label(quant_name: str | None) -> str:
+    """The one name of a run's bits (run directories, the comparison's ``bits`` column): the
+    quantization preset's name, ``fp32`` for a float model (``quant_name`` None)."""
+    return FLOAT_BITS if quant_name is None else quant_name
+
+
 def _bits(model: Mapping[str, Any]) -> str:
     method = model.get("method", "p4q")
     if method in METHODS and not METHODS[method].quantized:
-        return "fp32"
+        return bits_label(None)
     quant = model.get("quant", "w8a8")
     name = quant.get("name", "custom") if isinstance(quant, Mapping) else quant
-    label = slug(name)
+    label = slug(bits_label(name))
     return f"{label}-custom" if model.get("quant_overrides") else label
 
 

@@ -10,8 +10,10 @@ from its own generator, seeded from ``(run seed, purpose)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -22,10 +24,24 @@ def run_seed(default: int = 0) -> int:
     return int(value) if value not in (None, "") else int(default)
 
 
+def seed_from_text(text: str) -> int:
+    """A 63-bit seed hashed from ``text`` (sha256), the same on every platform and run."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def derived_seed(purpose: str, default: int = 0) -> int:
     """A 63-bit seed for ``purpose`` (e.g. ``"prompt"``), fixed by the run seed."""
-    digest = hashlib.sha256(f"{run_seed(default)}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seed_from_text(f"{run_seed(default)}:{purpose}")
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run the block with the global CPU generator seeded with ``seed``, restoring its state
+    afterwards (for code that draws from the global generator, e.g. module initialisation)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def generator(purpose: str, default: int = 0) -> torch.Generator:

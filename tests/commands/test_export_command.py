@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import tiny_world
-from p4q_lightning.args import _FLAT_NAMES, GROUPS
+from p4q_lightning.args import GROUPS
 from p4q_lightning.cli import main as cli_main
 from p4q_lightning.export import load_lowbit
+from p4q_lightning.legacy import FLAT_NAMES
 from p4q_lightning.module import P4QModule
 
 
@@ -54,7 +55,7 @@ def test_export_command_from_checkpoint(world, tmp_path, capsys) -> None:
 def _flat(hparams: dict) -> dict:
     """Hyperparameters as versions before the option groups wrote them."""
     flat = {k: v for k, v in hparams.items() if k not in GROUPS}
-    for old, (group, field) in _FLAT_NAMES.items():
+    for old, (group, field) in FLAT_NAMES.items():
         flat[old] = hparams[group][field]
     flat["adapter"] = hparams["adapter"]["enabled"]
     return flat

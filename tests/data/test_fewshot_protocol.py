@@ -132,11 +132,11 @@ def test_calibration_loader_is_seeded(dm_factory, folder):
 def test_non_zero_ranks_do_not_write_but_sample_the_same(dm_factory, folder, monkeypatch):
     from p4q_lightning.data import datamodule
 
-    monkeypatch.setattr(datamodule, "_global_rank", lambda: 1)
+    monkeypatch.setattr(datamodule, "global_rank", lambda: 1)
     worker = dm_factory(str(folder), shots=2, seed=5)
     worker.setup("fit")
     assert not worker.split_file.exists()
-    monkeypatch.setattr(datamodule, "_global_rank", lambda: 0)
+    monkeypatch.setattr(datamodule, "global_rank", lambda: 0)
     chief = dm_factory(str(folder), shots=2, seed=5)
     chief.setup("fit")
     assert chief.split_file.exists() and chief.split == worker.split

@@ -18,8 +18,8 @@ from torch import nn
 
 import p4q_lightning
 from p4q_lightning import quantize
+from p4q_lightning.legacy import LEGACY_ATTENTION_KEYS, upgrade_attention_key
 from p4q_lightning.quant import GroupSpec, QuantLinear, QuantMultiheadAttention
-from p4q_lightning.quant.modules import LEGACY_ATTENTION_KEYS, upgrade_attention_key
 
 W8A8 = GroupSpec(w_bits=8, a_bits=8, a_observer="minmax")
 

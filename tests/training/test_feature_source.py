@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import tiny_world
 from p4q_lightning.module import P4QModule
+from p4q_lightning.training.feature_source import effective_views
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -43,13 +44,17 @@ def fit(model: P4QModule, tmp_path, *args, **kw) -> Batches:
     return batches
 
 
-def test_the_datamodule_serves_cached_features_during_the_fit_only(world, tmp_path):
+def test_the_datamodule_serves_cached_features_during_the_fit_only(world, tmp_path, caplog):
     seed_everything(0)
     dm = tiny_world.TinyDataModule(str(world["data"]))
     first = module(world)
-    batches = fit(first, tmp_path, dm)
+    with caplog.at_level(logging.INFO, logger="p4q_lightning.training.feature_source"):
+        batches = fit(first, tmp_path, dm)
     assert batches.kinds == ["features"] * 4 and all(batches.served)
-    assert first._train_source.cache.views == 1  # feature_views=2, capped by max_epochs=1
+    # feature_views=2, capped by max_epochs=1 where the source is attached, and said so once
+    assert first._train_source.views == first._train_source.cache.views == 1
+    lowered = [r.getMessage() for r in caplog.records if "caching 1 views" in r.getMessage()]
+    assert len(lowered) == 1 and "features.views=2" in lowered[0]
     # detached at the end of the fit: the same datamodule gives images to whoever asks next
     assert dm.feature_source is None
     assert isinstance(next(iter(dm.train_dataloader())), list)
@@ -57,6 +62,12 @@ def test_the_datamodule_serves_cached_features_during_the_fit_only(world, tmp_pa
     second = module(world)
     assert fit(second, tmp_path, dm).kinds == ["features"] * 4
     assert second._train_source is not first._train_source and dm.feature_source is None
+
+
+def test_the_views_a_fit_uses():
+    assert effective_views(8, max_epochs=3) == 3  # one view drawn per epoch
+    assert effective_views(2, max_epochs=10) == 2
+    assert effective_views(4, max_epochs=None) == effective_views(4, max_epochs=-1) == 4
 
 
 def test_feature_views_0_trains_on_images(world, tmp_path):

@@ -129,18 +129,6 @@ def test_warmup_then_cosine_to_zero():
     assert WarmupCosine()(0) == 1.0  # no lengths: a constant rate
 
 
-def test_linear_warmup_ramps_to_one_then_follows_the_cosine():
-    fn = WarmupCosine(warmup_steps=4, total_steps=12, linear_warmup=True)
-    assert [fn(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert fn(4) == 1.0 and fn(12) == 0.0
-    # ``lr`` multiplies before dividing during the ramp (the demo teacher's recipe), and is
-    # ``base * factor`` afterwards
-    base = 1e-3
-    assert [fn.lr(base, s) for s in range(4)] == [base * (s + 1) / 4 for s in range(4)]
-    assert fn.lr(base, 7) == base * fn(7)
-    assert WarmupCosine(0.1, warmup_steps=2, total_steps=4).lr(base, 0) == base * 0.1
-
-
 def fake_trainer(
     stepping: float, per_epoch: float, accumulate: int = 1, max_epochs: int = 3
 ) -> SimpleNamespace:

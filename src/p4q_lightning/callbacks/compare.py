@@ -3,8 +3,9 @@
 ``ComparisonCallback`` evaluates, after testing (or fitting), the float zero-shot teacher, the
 PTQ student with the template classifier and the trained student (P4Q or CoOp) on the test
 loader, then writes ``comparison/{comparison.csv, comparison.json, accuracy.png,
-similarity.png}`` in the run directory and, when a ``WandbLogger`` is attached, logs the same
-table, a bar chart and the figures to Weights & Biases. :func:`resolve_wandb_mode` switches
+similarity.png}`` in the run directory (:mod:`comparison_files`) and, when a ``WandbLogger``
+is attached, logs the same table, a bar chart and the figures to Weights & Biases
+(:mod:`comparison_wandb`). This module holds the evaluation. :func:`resolve_wandb_mode` switches
 W&B to offline mode when it has no key or no network, so a run never hangs on it.
 
 A run with more test sets (the datamodule's ``test_sets``: domain generalisation,
@@ -15,7 +16,6 @@ cross-dataset transfer, base-to-novel's ``new`` half) gets rows for each, named 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,28 +25,18 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from p4q_lightning.callbacks.comparison_files import write_outputs
+from p4q_lightning.callbacks.comparison_wandb import log_to_wandb
 from p4q_lightning.callbacks.export import RunDirectory
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
-from p4q_lightning.files import atomic_write, write_csv
 from p4q_lightning.methods import METHODS
 from p4q_lightning.model.classifier import P4QClassifier
+from p4q_lightning.rundir import bits_label
 from p4q_lightning.test_classes import Rows, scoring_classes
 from p4q_lightning.wandb_mode import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
-    "method",
-    "bits",
-    "w_bits",
-    "a_bits",
-    "shots",
-    "top1",
-    "top5",
-    "size_mb",
-    "n_test",
-    "test_set",
-]
 FP_METHOD, PTQ_METHOD = "fp32 zero-shot", "ptq"
 BASE, NEW, HM = "base", "new", "hm"
 
@@ -54,9 +44,9 @@ BASE, NEW, HM = "base", "new", "hm"
 def _bits(spec: Any) -> tuple[str, int, int]:
     """(label, weight bits, activation bits) of the dominant layers (the MLP linears)."""
     if spec is None or spec.is_float:
-        return "fp32", 32, 32
+        return bits_label(None), 32, 32
     g = spec["vision.mlp_fc"]
-    return spec.name, g.w_bits or 32, g.a_bits or 32
+    return bits_label(spec.name), g.w_bits or 32, g.a_bits or 32
 
 
 def _data_info(trainer: Trainer) -> dict[str, Any]:
@@ -328,53 +318,3 @@ def _run_info(model: P4QClassifier, trainer: Trainer) -> dict[str, Any]:
         "classes": len(model.classnames),
         **_data_info(trainer),
     }
-
-
-def write_outputs(
-    directory: Path,
-    rows: list[dict[str, Any]],
-    matrices: dict[str, torch.Tensor],
-    labels: list[str],
-    run: dict[str, Any],
-) -> dict[str, Path]:
-    """The comparison as CSV, JSON and PNGs in ``directory``; returns their paths."""
-    from p4q_lightning.plots import accuracy_bars, similarity_matrices
-
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {"csv": directory / "comparison.csv", "json": directory / "comparison.json"}
-    write_csv(files["csv"], rows, COLUMNS)
-    payload = {
-        "run": run,
-        "rows": rows,
-        "similarity": {"labels": labels, **{m: v.tolist() for m, v in matrices.items()}},
-    }
-    with atomic_write(files["json"]) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2))
-    title = f"{run.get('model')} · {run.get('quant')}"
-    several = len({r.get("test_set") for r in rows}) > 1
-    bars = [{**r, "bits": f"{r['bits']}\n{r['test_set']}"} for r in rows] if several else rows
-    files["accuracy"] = accuracy_bars(bars, directory / "accuracy.png", title)
-    if matrices:
-        files["similarity"] = similarity_matrices(
-            {m: v.numpy() for m, v in matrices.items()},
-            labels,
-            directory / "similarity.png",
-            "image-text cosine similarity",
-        )
-    log.info("comparison written to %s", directory)
-    return files
-
-
-def log_to_wandb(run: Any, rows: list[dict[str, Any]], files: dict[str, Path]) -> None:
-    """The comparison table, a top-1 bar chart and the figures, in one W&B log call."""
-    import wandb
-
-    table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
-    payload: dict[str, Any] = {
-        "comparison/table": table,
-        "comparison/top1_bar": wandb.plot.bar(table, "method", "top1", title="top-1 by method"),
-    }
-    for key in ("accuracy", "similarity"):
-        if key in files:
-            payload[f"comparison/{key}"] = wandb.Image(str(files[key]))
-    run.log(payload)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p4q_lightning.files import write_csv
+from p4q_lightning.rundir import bits_label
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def run_args(
     """LightningCLI arguments of one demo run (``overrides`` last, so they win)."""
     from p4q_lightning.data.cache import cache_dir
 
-    name = f"{method}-{quant}" if method != "coop" else "coop-fp32"
+    name = f"{method}-{quant}" if method != "coop" else f"coop-{bits_label(None)}"
     return [
         "fit",
         "--config",
@@ -88,7 +89,7 @@ def _comparison(cli: Any) -> Any:
 
 
 def _demo_row(row: dict[str, Any]) -> dict[str, Any]:
-    bits = "32" if row["bits"] == "fp32" else row["bits"]
+    bits = "32" if row["bits"] == bits_label(None) else row["bits"]
     return {
         "method": METHOD_NAMES[row["method"]],
         "bits": bits,

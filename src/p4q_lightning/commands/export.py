@@ -52,7 +52,7 @@ def module_from_checkpoint(ckpt: dict) -> Any:
 
     Hyperparameters of earlier versions (flat ``n_ctx``, ``prompt_lr``...) are put into their
     groups; keys Lightning adds (``_instantiator``...) are not arguments."""
-    from p4q_lightning.args import group_flat_hparams
+    from p4q_lightning.legacy import group_flat_hparams
     from p4q_lightning.module import P4QModule
 
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}

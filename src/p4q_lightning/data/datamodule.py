@@ -20,22 +20,17 @@ from p4q_lightning.data.datasets import MemoryDataset, SourceDataset, collate_sk
 from p4q_lightning.data.feature_serving import FeatureServing
 from p4q_lightning.data.fewshot import resolve_indices
 from p4q_lightning.data.hub import HubArgs
-from p4q_lightning.data.kinds import DatasetRequest
+from p4q_lightning.data.kinds import DatasetRequest, dataset_kind
 from p4q_lightning.data.run_split import RunSplit
 from p4q_lightning.data.seeded import seeded_train_loader
 from p4q_lightning.data.sources import ImageSource, SyntheticArgs
 from p4q_lightning.data.subsample import SUBSAMPLES, Subsample
 from p4q_lightning.data.test_sets import EvalSet, extra_test_sets, own_test_set
 from p4q_lightning.data.transforms import eval_transform, train_transform
+from p4q_lightning.distributed import global_rank
 from p4q_lightning.synthetic_name import SYNTHETIC, synthetic_world_seed
 
 log = logging.getLogger(__name__)
-
-
-def _global_rank() -> int:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 class FewShotDataModule(FeatureServing, L.LightningDataModule):
@@ -152,14 +147,15 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         world_seed = synthetic_world_seed(dataset, self.synthetic_args.world_seed)  # "x" fails now
         self.is_synthetic = world_seed is not None
         self.world_seed = self.synthetic_args.world_seed if world_seed is None else world_seed
-        self.image_size = image_size or (32 if self.is_synthetic else 224)
+        self.split_dir = split_dir
+        request = self.request(dataset, self.hub_args)
+        defaults = dataset_kind(request).defaults  # the kind's own (e.g. the demo world's)
+        self.image_size = image_size or defaults.image_size
         # the command line fills these from the model's preprocessing config (P4QCLI)
         self.mean = tuple(mean) if mean else OPENAI_DATASET_MEAN
         self.std = tuple(std) if std else OPENAI_DATASET_STD
         self.interpolation = interpolation or "bicubic"
-        default_scale = (0.5, 1.0) if self.is_synthetic else (0.08, 1.0)
-        self.crop_scale = tuple(crop_scale) if crop_scale else default_scale
-        self.split_dir = split_dir
+        self.crop_scale = tuple(crop_scale) if crop_scale else defaults.crop_scale
         self.classnames: list[str] = []
         self.templates: list[str] = []
         self.num_classes = 0
@@ -168,9 +164,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         self.test_dataset: Dataset | None = None
         self.extra_test: list[tuple[EvalSet, Dataset]] | None = None
         self.skipped: list[str] = []
-        self.run_split = RunSplit(
-            self.request(dataset, self.hub_args), shots, seed, subsample_classes, self._split_root()
-        )
+        self.run_split = RunSplit(request, shots, seed, subsample_classes, self._split_root())
 
     # ------------------------------------------------------------------ sources and splits
     def request(self, dataset: str, hub: HubArgs | None = None) -> DatasetRequest:
@@ -195,7 +189,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
     def source(self) -> ImageSource:
         """The dataset the run uses: all classes, or CoCoOp's base or new half."""
         if not self.classnames:
-            self._set_classes(self.run_split.source(write=_global_rank() == 0))
+            self._set_classes(self.run_split.source(write=global_rank() == 0))
         return self.run_split.source(write=False)
 
     @property
@@ -246,7 +240,7 @@ class FewShotDataModule(FeatureServing, L.LightningDataModule):
         if run.test_only and stage in (None, "fit", "validate"):
             run.refuse_test_only()
         if not run.test_only:
-            run.load(write=_global_rank() == 0)
+            run.load(write=global_rank() == 0)
         source = self.source
         if self.extra_test is None:  # checked at fit too: a wrong test set fails before training
             self.extra_test = self._extra_test_sets()

@@ -66,6 +66,21 @@ class HubSource(ImageSource):
     ``validation`` for evaluation) unless given.
     """
 
+    @classmethod
+    def from_args(cls, spec: str, hub: HubArgs) -> HubSource:
+        """The source of ``spec`` with the ``data.init_args.hub`` option group."""
+        return cls(
+            spec,
+            hub.data_dir,
+            hub.config,
+            hub.image_column,
+            hub.label_column,
+            hub.train_split,
+            hub.val_split,
+            hub.test_split,
+            hub.cache_dir,
+        )
+
     def __init__(
         self,
         spec: str,

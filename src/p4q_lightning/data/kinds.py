@@ -50,12 +50,26 @@ class DatasetRequest:
 
 
 @dataclass(frozen=True)
+class ImageDefaults:
+    """Preprocessing a kind of dataset gets when the datamodule's options leave it unset."""
+
+    image_size: int = 224  # CLIP's input size
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's default
+
+
+@dataclass(frozen=True)
 class DatasetKind:
-    """A kind of dataset: ``claims`` recognises its strings, ``open`` builds the source."""
+    """A kind of dataset: ``claims`` recognises its strings, ``open`` builds the source,
+    ``defaults`` is its preprocessing when the options leave it unset."""
 
     name: str
     claims: Callable[[DatasetRequest], bool]
     open: Callable[[DatasetRequest], ImageSource]
+    defaults: ImageDefaults = ImageDefaults()
+
+
+# the demo world renders 32-pixel images of one object, which a crop below half would lose
+SYNTHETIC_DEFAULTS = ImageDefaults(image_size=32, crop_scale=(0.5, 1.0))
 
 
 def _open_synthetic(request: DatasetRequest) -> ImageSource:
@@ -87,18 +101,7 @@ def _open_suite(request: DatasetRequest) -> ImageSource:
 
 def hub_source(request: DatasetRequest) -> HubSource:
     """The Hugging Face source of ``request`` with its ``hub`` options."""
-    hub = request.hub
-    return HubSource(
-        request.dataset,
-        hub.data_dir,
-        hub.config,
-        hub.image_column,
-        hub.label_column,
-        hub.train_split,
-        hub.val_split,
-        hub.test_split,
-        hub.cache_dir,
-    )
+    return HubSource.from_args(request.dataset, request.hub)
 
 
 def _open_hub_or_report_missing(request: DatasetRequest) -> ImageSource:
@@ -128,7 +131,9 @@ def _open_hub_or_report_missing(request: DatasetRequest) -> ImageSource:
 
 
 KINDS: list[DatasetKind] = [
-    DatasetKind("synthetic", lambda r: is_synthetic(r.dataset), _open_synthetic),
+    DatasetKind(
+        "synthetic", lambda r: is_synthetic(r.dataset), _open_synthetic, SYNTHETIC_DEFAULTS
+    ),
     DatasetKind("suite", _claims_suite, _open_suite),
     DatasetKind("saved", lambda r: is_saved_dataset(r.path), hub_source),
     DatasetKind("folder", lambda r: os.path.exists(r.path), lambda r: FolderSource(r.path)),

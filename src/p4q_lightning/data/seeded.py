@@ -17,12 +17,10 @@ already trained on.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from p4q_lightning import seeding
@@ -70,8 +68,7 @@ class SeededItems(Dataset):
         if not isinstance(key, tuple):
             return self.dataset[key]
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
+        with seeding.seeded_global_rng(item_seed(self.seed, epoch, index)):
             return self.dataset[index]
 
     def __getattr__(self, name: str) -> Any:
@@ -82,8 +79,7 @@ class SeededItems(Dataset):
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one item of one epoch."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seeding.seed_from_text(f"{seed}:{epoch}:{index}")
 
 
 class ResumableLoader(DataLoader):

@@ -38,12 +38,12 @@ from p4q_lightning.data.cache import cache_dir as resolve_cache_dir
 from p4q_lightning.data.synthetic.captions import CaptionConfig, CaptionWriter
 from p4q_lightning.data.synthetic.task import TEMPLATES, ClassSet, generate_split, stream_generator
 from p4q_lightning.data.synthetic.world import Scenes, WorldConfig, render, sample_scenes
+from p4q_lightning.demo.schedule import LinearWarmupCosine
 from p4q_lightning.files import atomic_write
 from p4q_lightning.model.text_encoder import TextTower, template_text_features
 from p4q_lightning.model.tiny import TINY_CONFIG_PATH as CONFIG_PATH
 from p4q_lightning.model.tiny import TINY_MODEL_NAME as MODEL_NAME
 from p4q_lightning.model.tiny import register_tiny_clip
-from p4q_lightning.training.optim import WarmupCosine
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,9 @@ def encode_captions(model: torch.nn.Module, tokens: torch.Tensor, buckets: int =
     return out
 
 
-def schedule(cfg: PretrainConfig) -> WarmupCosine:
-    """The package's warm-up/cosine schedule with a linear ramp over ``cfg.warmup_steps``."""
-    return WarmupCosine(warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, linear_warmup=True)
+def schedule(cfg: PretrainConfig) -> LinearWarmupCosine:
+    """A linear ramp over ``cfg.warmup_steps``, then cosine decay over the rest of the steps."""
+    return LinearWarmupCosine(warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
 
 
 def _save_progress(

@@ -18,13 +18,13 @@ from typing import Any
 from torch import nn
 
 from p4q_lightning.export.format import LowBitFormatError
+from p4q_lightning.legacy import upgrade_adapter_config
 from p4q_lightning.model.adapter import LowBitAdapter
 from p4q_lightning.quant import GroupSpec
 
 KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 LOW_BIT_ADAPTER = "low_bit_adapter"
 MAX_DIM = 1 << 16
-LEGACY_TARGET = "p4q_lightning.model.adapter:LowBitAdapter"
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,7 @@ def describe(adapter: nn.Module) -> dict[str, Any]:
 
 def check_config(config: Any) -> dict[str, Any]:
     """Validate the shape of a stored adapter description (``kind`` + JSON ``init``)."""
-    if isinstance(config, Mapping) and config.get("target") == LEGACY_TARGET:
-        # format-1 files named the class by import path; only this exact string is understood
-        # (looked up as data, never imported)
-        init = config.get("init")
-        if isinstance(init, Mapping) and isinstance(init.get("spec"), Mapping):
-            init = {**init, "spec": {k: v for k, v in init["spec"].items() if k != "__type__"}}
-        config = {"kind": LOW_BIT_ADAPTER, "init": init}
+    config = upgrade_adapter_config(config, LOW_BIT_ADAPTER)  # format 1 (legacy.py)
     if not isinstance(config, Mapping) or set(config) != {"kind", "init"}:
         keys = sorted(config) if isinstance(config, Mapping) else type(config).__name__
         raise LowBitFormatError(

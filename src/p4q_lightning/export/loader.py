@@ -30,11 +30,11 @@ from p4q_lightning.export.format import (
 )
 from p4q_lightning.export.packing import unpack_codes
 from p4q_lightning.export.writer import ADAPTER, HEAD, STUDENT, weight_key
+from p4q_lightning.legacy import upgrade_export_attention_keys
 from p4q_lightning.losses import cosine_logits
 from p4q_lightning.model.adapter import adapted_image_features
 from p4q_lightning.model.clip import load_clip
 from p4q_lightning.quant import QuantMultiheadAttention, QuantSpec, quant_modules, quantize
-from p4q_lightning.quant.modules import upgrade_attention_key
 
 log = logging.getLogger(__name__)
 
@@ -159,32 +159,13 @@ class LowBitCLIP(nn.Module):
         return self
 
 
-def _upgrade_attention_keys(
-    target: nn.Module, tensors: dict[str, torch.Tensor], info: dict[str, Any], prefix: str
-) -> dict[str, torch.Tensor]:
-    """Rename a format 1-2 file's attention names (``attn.in_proj_weight``...) to the
-    ``in_proj`` leaf's, in the tensors and in the metadata's ``quantized``/``zeros`` maps.
-
-    Only names under the rebuilt model's attention modules are touched; ``info`` is edited in
-    place and the renamed tensor dict returned.
-    """
-    attentions = [
+def _attention_owners(target: nn.Module, prefix: str) -> list[str]:
+    """The state-dict prefixes of ``target``'s quantized attention modules."""
+    return [
         f"{prefix}{name}."
         for name, m in target.named_modules()
         if isinstance(m, QuantMultiheadAttention)
     ]
-
-    def rename(key: str) -> str:
-        for owner in attentions:
-            if key.startswith(owner):
-                new = upgrade_attention_key(key[len(owner) :])
-                return key if new is None else owner + new
-        return key
-
-    for table in ("quantized", "zeros"):
-        if isinstance(info.get(table), dict):
-            info[table] = {rename(k): v for k, v in info[table].items()}
-    return {rename(k): t for k, t in tensors.items()}
 
 
 def _restore(
@@ -343,7 +324,8 @@ def load_lowbit(
     del clip
     _check_head_fits(student, tensors)
     if int(info.get("format_version", 0)) < ATTENTION_LEAF_VERSION:
-        tensors = _upgrade_attention_keys(student, tensors, info, STUDENT)
+        owners = _attention_owners(student, STUDENT)
+        tensors = upgrade_export_attention_keys(owners, tensors, info)
     student.load_state_dict(
         _restore(student, tensors, info, STUDENT, f"{model_info['name']} student")
     )

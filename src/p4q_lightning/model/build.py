@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from p4q_lightning.model.clip import load_clip
+from p4q_lightning.seeding import seeded_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def build_teacher(
                 f"model_config {model_config!r} registers the model {registered!r}, but "
                 f"model_name is {model_name!r}; set model_name to the config's file name"
             )
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(init_seed)
+    with seeded_global_rng(init_seed):
         model, _, tokenizer = load_clip(model_name, pretrained)
     model.requires_grad_(False)
     model.eval()

@@ -76,8 +76,7 @@ class P4QClassifier(nn.Module):
         adapter = adapter or AdapterArgs()
         if self.traits.uses_adapter and adapter.enabled:
             # drawn from the run seed, not from wherever the global generator happens to be
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seeding.derived_seed("adapter", init_seed))
+            with seeding.seeded_global_rng(seeding.derived_seed("adapter", init_seed)):
                 self.adapter = LowBitAdapter(
                     image_feature_dim(teacher),
                     adapter.reduction,
@@ -130,17 +129,12 @@ class P4QClassifier(nn.Module):
         self.classnames = classnames
         if self.traits.trains_prompts:
             if self.prompt_learner is None:
-                p = self.prompt_args
-                self.prompt_learner = PromptLearner(
+                self.prompt_learner = PromptLearner.from_args(
                     classnames,
                     self.tokenizer,
                     TextTower(self.teacher).width,
-                    p.n_ctx,
-                    p.ctx_init,
+                    self.prompt_args,
                     TextTower(self.teacher).token_embedding,
-                    p.class_specific,
-                    p.class_token_position,
-                    p.init_std,
                     # the same on every rank and whenever setup() runs (DDP re-seeds per rank)
                     generator=seeding.generator("prompt", self.init_seed),
                 ).to(self.device)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from p4q_lightning.model.tiny import register_tiny_clip
-from p4q_lightning.synthetic_name import synthetic_world_seed
+from p4q_lightning.pretrained_tags import resolve_registered_tag
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,13 @@ def _check_model_name(name: str) -> None:
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
-    """Map ``synthetic[:seed]`` to the cached tiny-teacher checkpoint; check local paths."""
+    """Map a registered tag (the demo's ``synthetic[:seed]``) to its weights file; check local
+    paths and open_clip tags."""
     if pretrained is None or pretrained == "":
         return None
-    seed = synthetic_world_seed(pretrained)
-    if seed is not None:
-        from p4q_lightning.demo.teacher import ensure_teacher_checkpoint
-
-        return str(ensure_teacher_checkpoint(world_seed=seed))
+    registered = resolve_registered_tag(pretrained)
+    if registered is not None:
+        return registered
     looks_like_path = any(s in pretrained for s in ("/", "\\")) or pretrained.endswith(
         (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
     )
@@ -62,7 +61,8 @@ def load_clip(
     """Build an open_clip model and return ``(model, eval_preprocess, tokenizer)``.
 
     ``pretrained`` is an open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``), a checkpoint
-    path, ``"synthetic[:seed]"`` for the embedded demo teacher (``p4q-tiny``), or None for
+    path, a tag registered in :mod:`p4q_lightning.pretrained_tags` (the demo registers
+    ``"synthetic[:seed]"``, its embedded teacher for ``p4q-tiny``), or None for
     random weights. The model is returned in eval mode.
     """
     if name.startswith("p4q-"):

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from p4q_lightning.args import PromptArgs
+
 log = logging.getLogger(__name__)
 
 ClassTokenPosition = Literal["end", "middle", "front"]
@@ -47,6 +49,31 @@ class PromptLearner(nn.Module):
         generator: draws the random initialisation (default: the global generator); pass a
             seeded one to make it independent of the process's other random draws.
     """
+
+    @classmethod
+    def from_args(
+        cls,
+        classnames: Sequence[str],
+        tokenizer: Callable[..., torch.Tensor],
+        embed_dim: int,
+        prompt: PromptArgs,
+        init_embedding: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> PromptLearner:
+        """The prompt learner of the ``model.prompt`` option group (the text tower's
+        ``chunk_size``/``checkpointing`` options are the encoder's, not read here)."""
+        return cls(
+            classnames,
+            tokenizer,
+            embed_dim,
+            n_ctx=prompt.n_ctx,
+            ctx_init=prompt.ctx_init,
+            init_embedding=init_embedding,
+            class_specific=prompt.class_specific,
+            class_token_position=prompt.class_token_position,
+            init_std=prompt.init_std,
+            generator=generator,
+        )
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p4q_lightning.legacy import rename_attention_keys
 from p4q_lightning.quant.attention import (
     AttentionInternals,
     AttentionLayer,
@@ -199,35 +200,11 @@ class QuantEmbedding(QuantizedWeightMixin, CachedBufferState):
         return F.embedding(tokens, self.quantized_weight())
 
 
-#: State-dict names of :class:`QuantMultiheadAttention` before its q/k/v projection became
-#: the ``in_proj`` leaf (slim checkpoints, export format 2) -> the names now.
-LEGACY_ATTENTION_KEYS: tuple[tuple[str, str], ...] = (
-    ("in_proj_weight", "in_proj.weight"),
-    ("in_proj_bias", "in_proj.bias"),
-    ("input_quantizer.", "in_proj.input_quantizer."),
-    ("weight_quantizer.", "in_proj.weight_quantizer."),
-    ("weights_frozen", "in_proj.weights_frozen"),
-)
-
-
-def upgrade_attention_key(local: str) -> str | None:
-    """The current name of an attention-local state-dict key in the old layout, else None."""
-    for old, new in LEGACY_ATTENTION_KEYS:
-        if old.endswith(".") and local.startswith(old):
-            return new + local[len(old) :]
-        if local == old:
-            return new
-    return None
-
-
 def _rename_legacy_keys(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
 ) -> None:
-    """Load pre-hook: rename old-layout keys under ``prefix`` in place (new keys win)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = upgrade_attention_key(key[len(prefix) :])
-        if new is not None and prefix + new not in state_dict:
-            state_dict[prefix + new] = state_dict.pop(key)
+    """Load pre-hook: old-layout attention keys (see :mod:`p4q_lightning.legacy`) renamed."""
+    rename_attention_keys(state_dict, prefix)
 
 
 class QuantMultiheadAttention(nn.Module):

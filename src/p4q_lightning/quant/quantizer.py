@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from p4q_lightning.distributed import world
 from p4q_lightning.quant.observers import ActivationObserver, observed_range, weight_max_abs
 from p4q_lightning.quant.qmath import (
     affine_qparams,
@@ -342,7 +343,7 @@ class ActivationQuantizer(CachedBufferState):
 def _global_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The range over every rank's batch under DDP (one all-reduce), so that N ranks with B
     samples each update the EMA exactly as one process with N x B samples does."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if world()[1] == 1:
         return lo, hi
     both = torch.cat([-lo.reshape(-1), hi.reshape(-1)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)

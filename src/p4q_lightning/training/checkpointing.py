@@ -22,8 +22,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.nn.modules.module import _IncompatibleKeys
 
-from p4q_lightning.args import AdapterArgs, PromptArgs, as_group, group_flat_hparams
+from p4q_lightning.args import AdapterArgs, PromptArgs, as_group
 from p4q_lightning.files import atomic_write
+from p4q_lightning.legacy import group_flat_hparams, with_classifier_prefix
 from p4q_lightning.quant import (
     ActivationQuantizer,
     Log2Quantizer,
@@ -32,20 +33,17 @@ from p4q_lightning.quant import (
     quant_modules,
 )
 
-if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
-    from lightning.pytorch import LightningModule
+if TYPE_CHECKING:
+    from p4q_lightning.model.classifier import P4QClassifier
 
 META_KEY = "p4q"
 QUANTIZER_TYPES = (ActivationQuantizer, WeightQuantizer, Log2Quantizer)
 PREFIX = "classifier."  # where P4QModule keeps its P4QClassifier
 FROZEN_PREFIXES = (PREFIX + "teacher.", PREFIX + "student.")
-# top-level names of checkpoints written before the classifier was its own module
-_UNPREFIXED = ("teacher.", "student.", "prompt_learner.", "adapter.")
 
 
-def kept_student_keys(module: LightningModule) -> set[str]:
+def kept_student_keys(model: P4QClassifier) -> set[str]:
     """State-dict keys of the student that a rebuild cannot recover: quantizer buffers."""
-    model = module.classifier
     if model.student is model.teacher:
         return set()
     keys = set()
@@ -55,19 +53,15 @@ def kept_student_keys(module: LightningModule) -> set[str]:
     return keys
 
 
-def with_classifier_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Keys of an earlier checkpoint layout (``prompt_learner.ctx``) under ``classifier.``."""
-    return {(PREFIX + k if k.startswith(_UNPREFIXED) else k): v for k, v in state.items()}
-
-
 def is_rebuildable(key: str, kept: set[str]) -> bool:
     return key.startswith(FROZEN_PREFIXES) and key not in kept
 
 
 def filter_state_dict(
-    module: LightningModule, state: dict[str, Any], prefix: str = ""
+    model: P4QClassifier, state: dict[str, Any], prefix: str = ""
 ) -> dict[str, Any]:
-    kept = kept_student_keys(module)
+    """``state`` (a P4QModule's, keys under ``prefix``) without the rebuildable frozen weights."""
+    kept = kept_student_keys(model)
     for key in [k for k in state if k.startswith(prefix)]:
         if is_rebuildable(key[len(prefix) :], kept):
             del state[key]
@@ -75,19 +69,19 @@ def filter_state_dict(
 
 
 def load_state_dict(
-    module: LightningModule,
+    model: P4QClassifier,
     state: Mapping[str, Any],
     strict: bool,
     assign: bool,
     load: Callable[..., Any],
 ) -> _IncompatibleKeys:
-    """Load a slim (or full) state dict; rebuilt frozen weights count as present."""
-    model = module.classifier
+    """Load a slim (or full) state dict of the module holding ``model`` with ``load`` (its
+    ``nn.Module.load_state_dict``); rebuilt frozen weights count as present."""
     if any(bool(getattr(m, "weights_frozen", False)) for _, m in quant_modules(model.student)):
         # Weights already on another calibration's grid: start again from the float weights.
         model.rebuild_student()
-    result = load(with_classifier_prefix(state), strict=False, assign=assign)
-    kept = kept_student_keys(module)
+    result = load(with_classifier_prefix(state, PREFIX), strict=False, assign=assign)
+    kept = kept_student_keys(model)
     missing = [k for k in result.missing_keys if not is_rebuildable(k, kept)]
     unexpected = list(result.unexpected_keys)
     if strict and (missing or unexpected):
@@ -97,13 +91,12 @@ def load_state_dict(
             + (f"unexpected {unexpected[:8]} " if unexpected else "")
             + "(was it trained with another method, adapter or prompt setting?)"
         )
-    after_load(module)
+    after_load(model)
     return _IncompatibleKeys(missing, unexpected)
 
 
-def after_load(module: LightningModule) -> None:
+def after_load(model: P4QClassifier) -> None:
     """Put a calibrated student's weights back on the grid; refresh derived caches."""
-    model = module.classifier
     if model.student is not model.teacher and is_calibrated(model.student):
         for _, qmod in quant_modules(model.student):
             qmod.freeze_weights()
@@ -114,8 +107,8 @@ def after_load(module: LightningModule) -> None:
     model.invalidate_text()
 
 
-def save_metadata(module: LightningModule, checkpoint: dict[str, Any]) -> None:
-    model = module.classifier
+def save_metadata(model: P4QClassifier, checkpoint: dict[str, Any]) -> None:
+    """The class list, templates, CLIP fingerprint and calibration state beside the tensors."""
     checkpoint[META_KEY] = {
         "classnames": list(model.classnames),
         "templates": list(model.templates),
@@ -201,38 +194,34 @@ def check_settings(saved: Mapping[str, Any], built: Mapping[str, Any], source: s
         )
 
 
-def _checkpoint_name(module: LightningModule) -> str:
-    try:
-        path = module.trainer.ckpt_path
-    except RuntimeError:  # no trainer attached (load_from_checkpoint, p4q export)
-        path = None
-    return str(path) if path else "being loaded"
-
-
-def load_metadata(module: LightningModule, checkpoint: Mapping[str, Any]) -> None:
-    """Refuse non-finite tensors and conflicting settings; check the rebuilt CLIP is the one
-    trained on, and restore the class list."""
-    source = _checkpoint_name(module)
+def load_metadata(
+    model: P4QClassifier, checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], source: str
+) -> tuple[list[str], list[str] | None] | None:
+    """Refuse non-finite tensors and settings that conflict with ``hparams`` (what the module
+    was built with); check the rebuilt CLIP is the one trained on. Returns the saved
+    ``(classnames, templates)`` for the caller to set when ``model`` has no classes yet, else
+    None. ``source`` names the checkpoint in messages."""
     check_finite(checkpoint.get("state_dict") or {}, source)
     saved = checkpoint.get("hyper_parameters")
     if isinstance(saved, Mapping):
-        check_settings(saved, module.hparams, source)
+        check_settings(saved, hparams, source)
     meta = checkpoint.get(META_KEY)
     if not meta:
-        return
+        return None
     saved = meta.get("clip_fingerprint")
     if saved is not None:
-        now = module.classifier.teacher_fingerprint()
+        now = model.teacher_fingerprint()
         if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
-            hp = module.hparams
             raise ValueError(
                 "this checkpoint was trained on other CLIP weights than "
-                f"model_name={hp.model_name!r}, "
-                f"pretrained={hp.pretrained!r} (init_seed={hp.init_seed}) build now (fingerprint "
-                f"{saved:.6g} vs {now:.6g}); point `pretrained` at the original weights"
+                f"model_name={hparams['model_name']!r}, "
+                f"pretrained={hparams['pretrained']!r} (init_seed={hparams['init_seed']}) build "
+                f"now (fingerprint {saved:.6g} vs {now:.6g}); point `pretrained` at the original "
+                "weights"
             )
-    if meta.get("classnames") and not module.classifier.classnames:
-        module.set_classes(meta["classnames"], meta.get("templates"))
+    if meta.get("classnames") and not model.classnames:
+        return list(meta["classnames"]), meta.get("templates")
+    return None
 
 
 def save_atomically(obj: Any, path: str | os.PathLike[str]) -> Path:

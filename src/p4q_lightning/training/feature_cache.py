@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from p4q_lightning.distributed import all_agree, broadcast, world
 from p4q_lightning.files import atomic_write
+from p4q_lightning.seeding import seeded_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,7 @@ def build_feature_cache(
         )
         outs: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
         view_labels = []
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed + view)
+        with seeded_global_rng(seed + view):
             for batch in tqdm(
                 loader,
                 desc=f"caching features (view {view + 1}/{views})",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader
@@ -30,41 +31,77 @@ from p4q_lightning.training.feature_cache import (
     load_or_build,
 )
 
-if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
-    from lightning.pytorch import LightningModule
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from p4q_lightning.args import FeatureArgs
+    from p4q_lightning.model.classifier import P4QClassifier
 
 log = logging.getLogger(__name__)
+
+
+def effective_views(views: int, max_epochs: int | None) -> int:
+    """The feature views a fit uses: each image is seen ``max_epochs`` times, so views beyond
+    that would be encoded and never drawn."""
+    if max_epochs is not None and 0 < max_epochs < views:
+        return max_epochs
+    return views
 
 
 class TrainFeatureSource:
     """Owns the feature cache of one fit and the loader over it.
 
-    Uses from the module only its documented Lightning properties (``trainer``,
-    ``current_epoch``, ``device``), ``hparams`` (the model identity), ``features_args``,
-    ``distills`` and its :class:`~p4q_lightning.model.classifier.P4QClassifier` (features,
-    calibration state, student, method, spec).
+    Its inputs are explicit: the :class:`~p4q_lightning.model.classifier.P4QClassifier`
+    (features, calibration state, student, method, spec, device), the ``features`` options,
+    whether the teacher's features are needed (``distills``), the model identity that keys the
+    cache (``model_name``, ``pretrained``, ``model_config``, ``init_seed``), and the fitting
+    trainer's documented properties (``datamodule``, ``current_epoch``, rank and world size,
+    ``is_global_zero``, ``progress_bar_callback``).
     """
 
-    def __init__(self, module: LightningModule, datamodule: Any) -> None:
-        self.module = module
-        self.datamodule = datamodule
+    def __init__(
+        self,
+        trainer: Trainer,
+        classifier: P4QClassifier,
+        features: FeatureArgs,
+        views: int,
+        distills: bool,
+        identity: Mapping[str, Any],
+    ) -> None:
+        self.trainer = trainer
+        self.classifier = classifier
+        self.features = features
+        self.views = views  # decided once, in attach
+        self.distills = distills
+        self.identity = dict(identity)
+        self.datamodule = trainer.datamodule
         self.cache: FeatureCache | None = None
         self.dataset: CachedFeatureDataset | None = None
         self.images: DataLoader | None = None  # the datamodule's image loader: what is encoded
 
     @classmethod
-    def attach(cls, module: LightningModule) -> TrainFeatureSource | None:
-        """Have the trainer's datamodule serve this fit's cached features (None when
-        ``features.views`` is 0, or, with one warning, when the datamodule cannot serve them)."""
-        dm = module.trainer.datamodule
+    def attach(
+        cls,
+        trainer: Trainer,
+        classifier: P4QClassifier,
+        features: FeatureArgs,
+        distills: bool,
+        identity: Mapping[str, Any],
+    ) -> TrainFeatureSource | None:
+        """Have ``trainer``'s datamodule serve this fit's cached features (None when
+        ``features.views`` is 0, or, with one warning, when the datamodule cannot serve them).
+
+        The number of views is decided here, once: ``features.views``, lowered to
+        ``trainer.max_epochs`` when that is smaller (logged)."""
+        dm = trainer.datamodule
         serve = getattr(dm, "serve_features", None)
-        views = int(module.features_args.views)
+        views = int(features.views)
         if views == 0:
             if callable(serve):
                 serve(None)  # nothing left over from an earlier fit of another module
             return None
         if not callable(serve):
-            if module.trainer.is_global_zero:
+            if trainer.is_global_zero:
                 log.warning(
                     "features.views=%d, but the training data comes from %s, which cannot serve "
                     "cached image features (no serve_features method): training with live "
@@ -75,7 +112,16 @@ class TrainFeatureSource:
                     "plain dataloaders" if dm is None else type(dm).__name__,
                 )
             return None
-        source = cls(module, dm)
+        used = effective_views(views, trainer.max_epochs)
+        if used != views and trainer.is_global_zero:
+            log.info(
+                "features.views=%d, but the fit runs max_epochs=%d and draws one view per epoch: "
+                "caching %d views",
+                views,
+                trainer.max_epochs,
+                used,
+            )
+        source = cls(trainer, classifier, features, used, distills, identity)
         serve(source)
         return source
 
@@ -99,16 +145,16 @@ class TrainFeatureSource:
         self.images = images
         if self.dataset is None:
             self.dataset = CachedFeatureDataset(self.cache, length=_length(images))
-            self.dataset.epoch = self.module.current_epoch
+            self.dataset.epoch = self.trainer.current_epoch
         # The order is a function of (seed, epoch, rank) alone, as for the image loader: a
         # resumed run shuffles exactly as the uninterrupted one, and N ranks equal one process.
         sampler = run_sampler(
             self.dataset,
-            self.module.trainer,
-            int(self.module.hparams.init_seed),
+            self.trainer,
+            int(self.identity["init_seed"]),
             drop_last=images.drop_last,
         )
-        sampler.set_epoch(self.module.current_epoch)
+        sampler.set_epoch(self.trainer.current_epoch)
         return ResumableLoader(
             self.dataset,
             batch_size=images.batch_size or 32,
@@ -131,11 +177,10 @@ class TrainFeatureSource:
         if self.cache is None:
             self.cache = self._build(self.images)
             self.dataset.fill(self.cache)
-        self.dataset.epoch = self.module.current_epoch
+        self.dataset.epoch = self.trainer.current_epoch
 
     def _build(self, reference: DataLoader) -> FeatureCache:
-        module = self.module
-        model = module.classifier
+        model, trainer = self.classifier, self.trainer
         if model.needs_calibration:
             raise RuntimeError(
                 "the student must be calibrated before its features are cached: keep the "
@@ -143,13 +188,10 @@ class TrainFeatureSource:
                 "module.classifier.calibrate(...) before fit"
             )
         encoders = {"student": model.student_image_features}
-        if module.distills:
+        if self.distills:
             encoders["teacher"] = model.teacher_image_features
         seed = seeding.run_seed(0)  # seed_everything's; the same on every rank
-        views = int(module.features_args.views)
-        max_epochs = module.trainer.max_epochs
-        if max_epochs is not None and 0 < max_epochs < views:
-            views = max_epochs  # each image is seen max_epochs times: more views go unused
+        views, device = self.views, model.device
 
         def build() -> FeatureCache:
             log.info(
@@ -164,29 +206,27 @@ class TrainFeatureSource:
                 batch_size=reference.batch_size or 64,
                 num_workers=reference.num_workers,
                 seed=seed,
-                device=module.device,
+                device=device,
                 collate_fn=reference.collate_fn,
-                progress=module.trainer.is_global_zero
-                and module.trainer.progress_bar_callback is not None,
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
             )
 
         key = self._key(reference, seed, views)
-        return load_or_build(module.features_args.cache_dir, key, build, device=module.device)
+        return load_or_build(self.features.cache_dir, key, build, device=device)
 
     def _key(self, reference: DataLoader, seed: int, views: int) -> str:
-        module = self.module
-        hp, model = module.hparams, module.classifier
+        hp, model = self.identity, self.classifier
         quant_state = hashlib.sha1()
         for name, buf in sorted(model.student.state_dict().items()):
             if name.endswith(("scale", "zero_point", "range_min", "range_max")):
                 quant_state.update(name.encode())
                 quant_state.update(buf.detach().cpu().numpy().tobytes())
         identity = {
-            "model": [hp.model_name, hp.pretrained, hp.model_config, hp.init_seed],
+            "model": [hp["model_name"], hp["pretrained"], hp["model_config"], hp["init_seed"]],
             "method": model.method,
             "spec": model.quant_spec.to_dict(),
             "quantizers": quant_state.hexdigest(),
-            "teacher": "teacher" if module.distills else "",
+            "teacher": "teacher" if self.distills else "",
             "views": views,
             "seed": seed,
         }

@@ -11,14 +11,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-if TYPE_CHECKING:  # a P4QModule; training/ does not import module.py (no import cycle)
-    from lightning.pytorch import LightningModule, Trainer
+if TYPE_CHECKING:
+    from p4q_lightning.args import OptimArgs
+    from p4q_lightning.model.classifier import P4QClassifier
+
+
+class FitLengths(Protocol):
+    """The trainer numbers the schedule needs (a ``lightning.pytorch.Trainer`` has them)."""
+
+    @property
+    def estimated_stepping_batches(self) -> int | float: ...
+    @property
+    def num_training_batches(self) -> int | float: ...
+    @property
+    def accumulate_grad_batches(self) -> int: ...
+    @property
+    def max_epochs(self) -> int | None: ...
 
 
 class PromptAdapterOptimizer(Optimizer):
@@ -71,45 +85,28 @@ class PromptAdapterOptimizer(Optimizer):
 
 
 class WarmupCosine:
-    """LR factor per step: ``warmup_factor`` (or, with ``linear_warmup``, a ramp to 1) for
-    ``warmup_steps``, then cosine to 0 at ``total_steps``. Plain attributes only, so the
-    scheduler's state dict stays primitive."""
+    """LR factor per step: ``warmup_factor`` for ``warmup_steps``, then cosine to 0 at
+    ``total_steps``. Plain attributes only, so the scheduler's state dict stays primitive."""
 
     def __init__(
-        self,
-        warmup_factor: float = 1.0,
-        warmup_steps: int = 0,
-        total_steps: int = 0,
-        linear_warmup: bool = False,
+        self, warmup_factor: float = 1.0, warmup_steps: int = 0, total_steps: int = 0
     ) -> None:
         self.warmup_factor = warmup_factor
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
-        self.linear_warmup = linear_warmup
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps if self.linear_warmup else self.warmup_factor
+            return self.warmup_factor
         span = self.total_steps - self.warmup_steps
         if span <= 0:
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def lr(self, base_lr: float, step: int) -> float:
-        """``base_lr`` scaled for ``step``, for loops that set the rate themselves.
 
-        The linear ramp multiplies before dividing, ``base_lr * (step + 1) / warmup_steps``:
-        the rounding the demo teacher's cached weights were trained with.
-        """
-        if self.linear_warmup and step < self.warmup_steps:
-            return base_lr * (step + 1) / self.warmup_steps
-        return base_lr * self(step)
-
-
-def param_groups(module: LightningModule) -> list[dict[str, Any]]:
-    """One group per trainable part, named ``prompt`` and ``adapter``."""
-    hp, model = module.optim_args, module.classifier
+def param_groups(model: P4QClassifier, hp: OptimArgs) -> list[dict[str, Any]]:
+    """One group per trainable part of ``model``, named ``prompt`` and ``adapter``."""
     groups: list[dict[str, Any]] = []
     if model.prompt_learner is not None:
         groups.append(
@@ -136,7 +133,7 @@ def param_groups(module: LightningModule) -> list[dict[str, Any]]:
     return groups
 
 
-def schedule_lengths(trainer: Trainer, warmup_epochs: float) -> tuple[int, int]:
+def schedule_lengths(trainer: FitLengths, warmup_epochs: float) -> tuple[int, int]:
     """(warmup, total) optimiser steps of this fit, from the trainer's documented properties.
 
     ``estimated_stepping_batches`` loads the training loader if it is not loaded yet, so this
@@ -181,15 +178,14 @@ class WarmupCosineLR(LambdaLR):
         return [group["lr"] for group in self.optimizer.param_groups]
 
 
-def configure(module: LightningModule) -> dict[str, Any]:
-    """The optimiser and its step-wise schedule over this fit for the trainable parts of
-    ``module`` (attached to a trainer that is about to fit)."""
-    groups = param_groups(module)
+def configure(model: P4QClassifier, hp: OptimArgs, trainer: FitLengths) -> dict[str, Any]:
+    """The optimiser and its step-wise schedule over the fit ``trainer`` is about to run, for
+    the trainable parts of ``model`` (``configure_optimizers``' return value)."""
+    groups = param_groups(model, hp)
     if not groups:
-        raise ValueError(f"method={module.method!r} has no trainable parameters")
+        raise ValueError(f"method={model.method!r} has no trainable parameters")
     optimizer = PromptAdapterOptimizer(groups)
-    hp = module.optim_args
-    warmup, total = schedule_lengths(module.trainer, hp.warmup_epochs)
+    warmup, total = schedule_lengths(trainer, hp.warmup_epochs)
     lambdas = [
         WarmupCosine(
             hp.warmup_lr / g["lr"] if hp.warmup_epochs > 0 and g["lr"] > 0 else 1.0, warmup, total
