@@ -12,6 +12,7 @@ run benchmarks/bench_text_memory.py                     # 1,000-class text step 
 # 1,000-class step (the plain step alone needs ~22 GB and minutes per step on a CPU)
 run benchmarks/bench_prompt_step.py --classes 100 ${BENCH_1000:+1000}
 run benchmarks/bench_text_ddp.py --classes 100        # class-sharded text: devices=2 vs 1
+run benchmarks/bench_class_scaling.py --classes 100 300 1000 --chunked 1000  # step vs classes, peak RSS
 run benchmarks/ddp_drift.py                             # DDP vs one process on the demo: drift, top-1 (not a timing)
 run benchmarks/ddp_drift.py --presets w4a4 w8a8 --seeds 1 2 --no-control
 run benchmarks/export_size.py                           # low-bit file sizes vs float32

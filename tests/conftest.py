@@ -27,3 +27,13 @@ def world(tmp_path_factory) -> dict:
         "config": tiny_world.write_model_config(root / "cfg"),
         "data": tiny_world.write_image_folder(root / "data"),
     }
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -35,3 +35,55 @@ def test_train_step_benchmark_runs() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cached step (s)" in out.stdout and "checkpoint (MB)" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_in_its_cpu_mode(tmp_path) -> None:
+    """``gpu_check.py --device cpu --tiny`` runs every part of the GPU check and prints one JSON
+    with sane values, so the script is ready whenever a GPU is."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--out",
+            str(tmp_path / "check.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report == json.loads((tmp_path / "check.json").read_text())
+    assert report["device"] == "cpu" and report["tiny"] is True
+    configs = {(s["classes"], s["precision"], s["checkpointing"]) for s in report["steps"]}
+    assert configs == {
+        (n, p, ck)
+        for n in (4, 12)
+        for p in ("32-true", "bf16-mixed")
+        for ck in ((False, True) if n == 12 else (False,))
+    }
+    for step in report["steps"]:
+        assert 0 < step["step_s_min"] <= step["step_s"] <= step["step_s_max"] < 60, step
+        assert 0 < step["peak_mb_steps"] and 0 < step["peak_mb_before_steps"]
+    speeds = report["image_tower"]["images_per_s"]
+    assert set(speeds) == {
+        "float32",
+        "fake-quant w4a4",
+        "fake-quant w8a8",
+        "int8 w8a8 (torch._int_mm)",
+    }
+    assert all(v > 0 for v in speeds.values())
+    assert report["image_tower"]["int8_vs_fake_quant_min_cosine"] > 0.99
+    assert len(report["int8_matmul"]) == 4
+    assert all(row["int32_exact"] for row in report["int8_matmul"])
+    tests = report["gpu_tests"]
+    assert "tests/test_gpu.py" in tests["files"] and tests["passed"], tests
+    assert "skipped" in tests["summary"]  # no CUDA here: every gpu test skips, none fails

@@ -33,6 +33,7 @@ from p4q_lightning.model.classifier import DEFAULT_TEMPLATES, P4QClassifier
 from p4q_lightning.test_classes import check_scorable, scoring_classes
 from p4q_lightning.training import checkpointing, optim
 from p4q_lightning.training.feature_source import TrainFeatureSource
+from p4q_lightning.training.residency import FrozenOffload
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class P4QModule(LightningModule):
             templates=templates,
         )
         self._train_source: TrainFeatureSource | None = None
+        self._offload: FrozenOffload | None = None  # frozen towers out of memory during fit
         self._trained = False  # set by a fit or a loaded checkpoint / state dict
         # test sets after the run's own split (DG, cross-dataset, base-to-novel's new half):
         # what the datamodule's ``test_sets`` lists, their metrics and class embeddings
@@ -165,6 +167,7 @@ class P4QModule(LightningModule):
         return (list(names) if names else None), (list(templates) if templates else None)
 
     def setup(self, stage: str) -> None:
+        self._restore_frozen()  # a fit that failed left its frozen weights out (no hook then)
         names, templates = self._classes_from_datamodule()
         explicit = self.hparams.classnames
         if explicit and names and len(explicit) != len(names):
@@ -337,8 +340,28 @@ class P4QModule(LightningModule):
         self._trained = True
         if self._train_source is not None:
             self._train_source.fill()  # calibrated by now (CalibrationCallback.on_fit_start)
+            # from here on the steps read cached features: the frozen towers can leave memory
+            self.classifier.teacher_fingerprint()  # checkpoints record it; computed once, now
+            if self.distills:
+                self.classifier.teacher_text_features()  # the text targets, cached (templates)
+            used, towers = self.classifier.cached_step_modules(self.distills)
+            self._offload = FrozenOffload(towers, keep=used)
+            self._offload.release()
+
+    def on_train_end(self) -> None:
+        self._restore_frozen()  # before on_fit_end's export and comparison read the towers
+
+    def _restore_frozen(self, close: bool = True) -> None:
+        if self._offload is not None:
+            if close:
+                self._offload.close()
+                self._offload = None
+            else:
+                self._offload.restore()
 
     def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._restore_frozen()
         if stage == "fit" and self._train_source is not None:
             self._train_source.detach()
 
@@ -347,7 +370,12 @@ class P4QModule(LightningModule):
         self.classifier.freeze_eval_text(sharded=True)
 
     def on_validation_start(self) -> None:
+        self._restore_frozen(close=False)  # validation inside a fit runs the image towers
         self._check_evaluation("val")
+
+    def on_validation_end(self) -> None:
+        if self._offload is not None and not self.trainer.sanity_checking:
+            self._offload.release()  # back to training from the cache
 
     def on_test_start(self) -> None:
         self._check_evaluation("test")

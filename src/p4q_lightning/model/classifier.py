@@ -349,6 +349,18 @@ class P4QClassifier(nn.Module):
             self._teacher_checksum = weight_fingerprint(self.teacher)
         return self._teacher_checksum
 
+    def cached_step_modules(self, distills: bool) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(what a training step from cached image features reads, the frozen towers it may
+        leave out of memory): the student's text tower (without its token table: the prompt
+        learner keeps its fixed tokens' embeddings), and with ``teacher_text: prompt`` and a
+        distillation term the teacher's text tower with its table; the rest of both CLIPs is
+        needed again only for evaluation and export (see :mod:`~p4q_lightning.training.residency`).
+        """
+        used = _text_tower_parts(self.student, with_table=False)
+        if distills and self.teacher_text == "prompt":
+            used += _text_tower_parts(self.teacher, with_table=True)
+        return used, [self.teacher, self.student]
+
     def trainable_parameter_names(self) -> list[str]:
         """Names of the parameters that require grad (only the prompt and the adapter may)."""
         return [n for n, p in self.named_parameters() if p.requires_grad]
@@ -357,3 +369,15 @@ class P4QClassifier(nn.Module):
         if self.prompt_learner is None:
             raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
         return self.prompt_learner
+
+
+def _text_tower_parts(model: nn.Module, with_table: bool) -> list[nn.Module | nn.Parameter]:
+    """The modules and parameters of ``model``'s text tower (the image tower and the logit
+    scale are not part of it; the token table only ``with_table``)."""
+    root = TextTower(model).root
+    skip = {"visual"} if with_table else {"visual", "token_embedding"}
+    parts: list[nn.Module | nn.Parameter] = [
+        m for name, m in root.named_children() if name not in skip
+    ]
+    parts += [p for name, p in root.named_parameters(recurse=False) if name != "logit_scale"]
+    return parts

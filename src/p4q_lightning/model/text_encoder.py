@@ -1,22 +1,33 @@
 """Running prompt embeddings and token ids through an open_clip text tower.
 
 Both paths truncate sequences to the longest prompt (exact: under the causal mask no position
-after EOT reaches the EOT output), pool at EOT, and process classes in chunks. With
-``checkpointing`` each chunk keeps only its input for the backward pass, so a 1,000-class step
-fits in memory; only input gradients flow (the tower's weights are frozen). Prompts that share
-their first positions (a unified CoOp context before the class name) run that prefix once
-(:mod:`~p4q_lightning.model.shared_prefix`); chunks and checkpointing apply to the rest.
+after EOT reaches the EOT output), pool at EOT, and process classes in pieces. Prompt pieces
+are cut from the classes sorted by prompt length and each piece is truncated to its own longest
+prompt, so a class list with a few long names (ImageNet's longest prompt is over three times its
+median) does not pad every class to the longest one: the cost stays linear in the number of
+classes. With ``checkpointing`` each chunk keeps only its input and the outputs of its
+non-widening matmuls (selective checkpointing) for the backward pass, which recomputes the
+rest, so a 1,000-class step fits in memory; only input gradients flow (the tower's weights are
+frozen).
+Prompts that share their first positions (a unified CoOp context before the class name) run that
+prefix once (:mod:`~p4q_lightning.model.shared_prefix`); pieces and checkpointing apply to the
+rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from p4q_lightning.model import shared_prefix as sp
 from p4q_lightning.quant.convert import text_tower_root
@@ -150,14 +161,89 @@ def encode_prompts(
         encode = partial(tower.encode_rest, [(s_k, s_v) for _, _, s_k, s_v in kvs])
         extra = tuple(t for k, v, _, _ in kvs for t in (k, v))
         prompts, eot_index = prompts[:, shared_prefix:], eot_index - shared_prefix
+    if tower.causal:
+        pieces = length_pieces(eot_index, step)
+    else:  # every sequence keeps its full length
+        pieces = [(min(step, n - s), prompts.shape[1]) for s in range(0, n, step)]
+    order = torch.argsort(eot_index, stable=True) if tower.causal and len(pieces) > 1 else None
+    if order is not None:  # one gather (and one scatter in the backward), then views
+        prompts, eot_index = prompts.index_select(0, order), eot_index.index_select(0, order)
+    sizes = [size for size, _ in pieces]
     outputs = []
-    for start in range(0, n, step):
-        chunk, eot = prompts[start : start + step], eot_index[start : start + step]
+    for chunk, eot, (_, length) in zip(
+        prompts.split(sizes), eot_index.split(sizes), pieces, strict=True
+    ):
+        chunk = chunk[:, :length]
         if use_ckpt:
-            outputs.append(checkpoint(encode, chunk, eot, *extra, use_reentrant=False))
+            outputs.append(
+                checkpoint(
+                    encode, chunk, eot, *extra, use_reentrant=False, context_fn=_keep_narrow_matmuls
+                )
+            )
         else:
             outputs.append(encode(chunk, eot, *extra))
-    return torch.cat(outputs, dim=0)
+    features = torch.cat(outputs, dim=0)
+    if order is None:
+        return features
+    return features.index_select(0, torch.argsort(order))
+
+
+_MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+
+
+def _narrow_matmul_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Keep the output of a linear layer that does not widen its input (the MLP's output
+    projection, attention's output projection); recompute everything else.
+
+    Their outputs are the fewest bytes per FLOP saved (the MLP's is ``width`` values per
+    position for ``4 * width**2`` multiply-adds), so keeping them removes about 5/12 of the
+    linear layers' recomputation for a small fraction of the chunk's activations.
+    """
+    if op in _MATMULS:
+        a, b = args[-2], args[-1]
+        if a.shape[-1] >= b.shape[-1]:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_narrow_matmuls() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_narrow_matmul_policy)
+
+
+#: A piece costs about this many extra prompt positions of work (kernel launches, the per-layer
+#: prefix keys and values it reads): shorter length groups are merged with their neighbours.
+PIECE_OVERHEAD_POSITIONS = 64
+
+
+def length_pieces(eot_index: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
+    """How to cut the classes, sorted by prompt length, into pieces: ``(classes, length)`` each,
+    ``length`` being the piece's longest prompt (its sequences are truncated to it).
+
+    Adjacent prompt lengths are grouped so that the padded positions plus
+    :data:`PIECE_OVERHEAD_POSITIONS` per piece are fewest (an exact split of the few distinct
+    lengths); groups over ``chunk_size`` classes are then cut into chunks of at most
+    ``chunk_size``.
+    """
+    lengths, counts = torch.unique(eot_index.detach().cpu() + 1, sorted=True, return_counts=True)
+    lens, cnts = lengths.tolist(), counts.tolist()
+    k = len(lens)
+    # best[j]: least cost of the first j lengths; cut[j]: where its last group starts
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)
+    for j in range(1, k + 1):
+        classes = 0
+        for i in range(j, 0, -1):  # last group = lengths i-1 .. j-1, padded to lens[j-1]
+            classes += cnts[i - 1]
+            cost = best[i - 1] + classes * lens[j - 1] + PIECE_OVERHEAD_POSITIONS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    groups, j = [], k
+    while j > 0:
+        groups.append((sum(cnts[cut[j] : j]), lens[j - 1]))
+        j = cut[j]
+    pieces = []
+    for classes, length in reversed(groups):
+        pieces += [(min(chunk_size, classes - s), length) for s in range(0, classes, chunk_size)]
+    return pieces
 
 
 def _check_shared_prefix(prompts: torch.Tensor, eot_index: torch.Tensor, n_prefix: int) -> None:
