@@ -44,7 +44,8 @@ _UNPREFIXED = ("teacher.", "student.", "prompt_learner.", "adapter.")
 
 
 def kept_student_keys(module: LightningModule) -> set[str]:
-    """State-dict keys of the student that a rebuild cannot recover: quantizer buffers."""
+    """State-dict keys of the student that a rebuild cannot recover: quantizer buffers and
+    CLIP-LoRA's factors."""
     model = module.classifier
     if model.student is model.teacher:
         return set()
@@ -52,6 +53,11 @@ def kept_student_keys(module: LightningModule) -> set[str]:
     for name, sub in model.student.named_modules():
         if isinstance(sub, QUANTIZER_TYPES):
             keys.update(f"{PREFIX}student.{name}.{b}" for b, _ in sub.named_buffers(recurse=False))
+    # CLIP-LoRA's factors live inside the student and are trained, so a rebuild cannot recover them
+    keys.update(
+        f"{PREFIX}student.{name}" for name, _ in model.student.named_parameters()
+        if name.endswith((".lora_A", ".lora_B"))
+    )
     return keys
 
 

@@ -59,6 +59,8 @@ class TrainFeatureSource:
         dm = module.trainer.datamodule
         serve = getattr(dm, "serve_features", None)
         views = int(module.features_args.views)
+        if module.traits.image_tower_trains:
+            views = 0  # the student's image features change with training (CLIP-LoRA)
         if views == 0:
             if callable(serve):
                 serve(None)  # nothing left over from an earlier fit of another module
@@ -148,8 +150,10 @@ class TrainFeatureSource:
         seed = seeding.run_seed(0)  # seed_everything's; the same on every rank
         views = int(module.features_args.views)
         max_epochs = module.trainer.max_epochs
-        if max_epochs is not None and 0 < max_epochs < views:
+        capped = module.traits.trains and not module.traits.tip_cache
+        if capped and max_epochs is not None and 0 < max_epochs < views:
             views = max_epochs  # each image is seen max_epochs times: more views go unused
+            # (Tip-Adapter averages every view into its cache keys, whatever the epochs)
 
         def build() -> FeatureCache:
             log.info(
