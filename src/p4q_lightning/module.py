@@ -328,7 +328,9 @@ class P4QModule(LightningModule):
         student_feats, teacher_feats, labels = self._batch_features(batch)
         model, loss = self.classifier, self.loss_args
         text = model.student_text_features(sharded=True)
-        logits = model.logits_from_features(student_feats, text)
+        # Tip-Adapter-F trains with the initial alpha and beta; the searched ones evaluate
+        scalars = (self.tip_args.alpha, self.tip_args.beta) if self.traits.trains_cache else None
+        logits = model.logits_from_features(student_feats, text, scalars)
         teacher_logits = None
         if self.distills:
             teacher_logits = cosine_logits(
@@ -379,10 +381,6 @@ class P4QModule(LightningModule):
             if not self.traits.trains:
                 self._search_tip_scalars()
                 self.trainer.should_stop = True  # nothing to train: no epoch runs
-
-    def on_train_end(self) -> None:
-        if self.traits.trains_cache:
-            self._search_tip_scalars()  # Tip-Adapter-F searches after training, as the paper
 
     def _build_tip_cache(self) -> None:
         """Keys: the student's features of the training images over the feature cache's
@@ -474,6 +472,11 @@ class P4QModule(LightningModule):
             log.warning(message)
 
     def on_validation_epoch_start(self) -> None:
+        trainer = self.trainer
+        if self.traits.trains_cache and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # Tip-Adapter-F: alpha and beta searched on the validation split for the keys as
+            # trained so far, so each validation and each checkpoint uses them
+            self._search_tip_scalars()
         self._start_eval()
 
     def on_test_epoch_start(self) -> None:

@@ -293,10 +293,15 @@ class P4QClassifier(nn.Module):
         """Student image features through the adapter (unchanged without one)."""
         return self.adapter(features) if self.adapter is not None else features
 
-    def logits_from_features(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def logits_from_features(
+        self,
+        features: torch.Tensor,
+        text: torch.Tensor,
+        tip_scalars: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
         """The method's logits [B, n_cls] from the student's (pre-adapter) image features and
         the class embeddings: adapter, cosine x scale, plus Tip-Adapter's cache logits (alpha
-        times) once the cache is built."""
+        times) once the cache is built, with the cache's alpha and beta or ``tip_scalars``."""
         logits = cosine_logits(self.adapt(features), text, self.logit_scale)
         cache = self.tip_cache
         if cache is not None and cache.is_built:
@@ -306,7 +311,8 @@ class P4QClassifier(nn.Module):
                     f"{logits.shape[1]} are scored: the cache can only score the classes it was "
                     "built on (not a base-to-novel new half or another dataset)"
                 )
-            logits = logits + cache.alpha * cache(features)
+            alpha, beta = tip_scalars if tip_scalars is not None else (cache.alpha, cache.beta)
+            logits = logits + alpha * cache(features, beta)
         return logits
 
     @torch.no_grad()

@@ -49,9 +49,14 @@ class TipCache(nn.Module):
         """``f . K^T`` for normalised features ``[B, N]``."""
         return F.normalize(features.float(), dim=-1) @ self.keys.t()
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """The cache logits ``[B, C]`` (before alpha) of image features ``[B, D]``."""
-        return cache_logits(self.affinity(features), self.values, self.beta)
+    def forward(
+        self, features: torch.Tensor, beta: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The cache logits ``[B, C]`` (before alpha) of image features ``[B, D]`` (with the
+        cache's beta unless ``beta`` is given)."""
+        return cache_logits(
+            self.affinity(features), self.values, self.beta if beta is None else beta
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         # a checkpoint's cache has its own shape: take it as it is
