@@ -3,13 +3,17 @@ CLIP-LoRA and KgCoOp on the same (PTQ) student as P4Q."""
 
 from __future__ import annotations
 
+import csv
 import warnings
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from lightning.pytorch import seed_everything
 
 import tiny_world
+from p4q_lightning import cli
 from p4q_lightning.export.format import ExportMismatchError
 from p4q_lightning.export.from_module import export_module
 from p4q_lightning.losses import cosine_logits
@@ -216,3 +220,47 @@ def test_tip_cache_refuses_other_classes(world, dm, tmp_path):
     with pytest.raises(ValueError, match="cache holds 4 classes but 3 are scored"):
         tip.classifier.logits_from_features(feats, text)
     assert cosine_logits(feats, text, 1.0).shape == (2, 3)
+
+
+DEMO = Path(__file__).resolve().parents[1] / "experiments" / "demo_baselines.yaml"
+
+
+def demo_config(world, tmp_path, method: str) -> Path:
+    """The shipped demo_baselines.yaml with the tiny model and data swapped in, 2 epochs, a
+    last checkpoint, the comparison after fit kept."""
+    config = yaml.safe_load(DEMO.read_text())
+    config["model"].update(
+        model_name=tiny_world.MODEL_NAME, pretrained=None, model_config=str(world["config"]),
+        method=method, quant="w4a4",
+    )  # fmt: skip
+    config["model"]["features"] = {"views": 2, "cache_dir": None}
+    config["model"]["tip"].update(search_beta_steps=4, search_alpha_steps=3)
+    config["data"] = {"class_path": "tiny_world.TinyDataModule",
+                      "init_args": {"root": str(world["data"])}}  # fmt: skip
+    trainer = config["trainer"]
+    trainer.update(max_epochs=2, check_val_every_n_epoch=1, logger=False,
+                   enable_checkpointing=True, enable_progress_bar=False,
+                   default_root_dir=str(tmp_path / "runs"))  # fmt: skip
+    trainer["callbacks"].append({
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
+    })  # fmt: skip
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tip_adapter", "tip_adapter_f", "clip_lora", "kgcoop"])
+def test_fit_then_test_from_the_command_line_on_the_demo_config(world, tmp_path, method, monkeypatch):
+    """fit writes the method's comparison row; test from the last checkpoint (a new module:
+    cache, factors, prompt and searched scalars restored) scores the same top-1."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    config = demo_config(world, tmp_path, method)
+    cli.cli_main(["fit", "--config", str(config)])
+    (csv_path,) = (tmp_path / "runs").glob("**/comparison/comparison.csv")
+    rows = {r["method"]: r for r in csv.DictReader(csv_path.open())}
+    assert {method, "ptq", "fp32 zero-shot"} <= set(rows)
+    test = cli.cli_main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    assert float(test.trainer.callback_metrics["test/top1"]) == pytest.approx(float(rows[method]["top1"]))
