@@ -267,7 +267,9 @@ def demo_config(world, tmp_path, method: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["tip_adapter", "tip_adapter_f", "clip_lora", "kgcoop"])
-def test_fit_then_test_from_the_command_line_on_the_demo_config(world, tmp_path, method, monkeypatch):
+def test_fit_then_test_from_the_command_line_on_the_demo_config(
+    world, tmp_path, method, monkeypatch, capsys
+):
     """fit writes the method's comparison row; test from the last checkpoint (a new module:
     cache, factors, prompt and searched scalars restored) scores the same top-1."""
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -279,3 +281,14 @@ def test_fit_then_test_from_the_command_line_on_the_demo_config(world, tmp_path,
     assert {method, "ptq", "fp32 zero-shot"} <= set(rows)
     test = cli.cli_main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     assert float(test.trainer.callback_metrics["test/top1"]) == pytest.approx(float(rows[method]["top1"]))
+    # `p4q export`: KgCoOp writes a low-bit file; the others say in one line why they do not
+    capsys.readouterr()
+    out = tmp_path / "x.safetensors"
+    code = cli.main(["export", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out), "--verify"])
+    err = capsys.readouterr().err
+    if method == "kgcoop":
+        assert code in (0, None) and out.is_file(), err
+    else:
+        assert code == 1 and not out.exists()
+        assert err.startswith(f"error: method='{method}' does not export to the low-bit file: ")
+        assert len(err.strip().splitlines()) == 2  # the line and the P4Q_DEBUG hint
