@@ -31,7 +31,7 @@ COMMANDS = {
     "validate": "evaluate a checkpoint on the validation split",
     "test": "evaluate on the test split; --ckpt_path last finds the fit's run directory",
     "predict": "write predictions.csv (top-5 classes per image) into the run directory",
-    "export": "write the low-bit model file from a checkpoint (p4q export CKPT --verify)",
+    "export": "write the low-bit model (packed safetensors, or --format onnx) from a checkpoint",
     "compare": "gather run directories into one table (mean ± std over seeds) and a plot",
     "demo": "the embedded CPU demo: P4Q / PTQ / CoOp on a synthetic world",
     "import-official": "the official P4Q release (--prompt P.pth --adapter A.pth) as a checkpoint",
