@@ -274,8 +274,8 @@ class P4QModule(LightningModule):
         wrong = [n for n in self.classifier.trainable_parameter_names() if not allowed(n)]
         if wrong:
             raise RuntimeError(
-                "only prompt, adapter, LoRA and cache-key parameters may train, but these "
-                f"require grad: {wrong[:5]}"
+                "only prompt and adapter parameters (and CLIP-LoRA's factors, Tip-Adapter-F's "
+                f"cache keys) may train, but these require grad: {wrong[:5]}"
             )
 
     def _check_feature_cache(self) -> None:
