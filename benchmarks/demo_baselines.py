@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
     parser.add_argument("--epochs", type=int, help="override trainer.max_epochs (smoke runs)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    parser.add_argument(
+        "--read-only", action="store_true", help="tabulate the runs already done, run nothing"
+    )
     args = parser.parse_args(argv)
     sweep = yaml.safe_load(args.sweep.read_text())
     (config,), points = grid(sweep)
@@ -157,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         path = comparison(directory)
         seconds = None
+        if path is None and args.read_only:
+            continue
         if path is None:
             seconds = run_point(config, point, directory, args.epochs)
             path = comparison(directory)
