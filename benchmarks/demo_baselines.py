@@ -52,8 +52,15 @@ def grid(sweep: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
         dict(zip(names, values, strict=True))
         for values in itertools.product(*(params[n]["values"] for n in names))
     ]
-    # seeds outermost, so a partial grid has every method at the first seeds
-    points.sort(key=lambda p: p.get("seed_everything", 0))
+    # seeds outermost, then the lowest bit width first, so a partial grid has every method at
+    # the first seed's w4a4 (the comparison that matters most) before anything else
+    quants = list(params.get("model.quant", {}).get("values", []))[::-1]
+    points.sort(
+        key=lambda p: (
+            p.get("seed_everything", 0),
+            quants.index(p["model.quant"]) if p.get("model.quant") in quants else 0,
+        )
+    )
     return [config], points
 
 
