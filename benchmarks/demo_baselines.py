@@ -126,8 +126,10 @@ def table(results: list[dict[str, Any]], bits: list[str]) -> str:
                 out.append("")
                 continue
             mean = 100 * statistics.fmean(values)
-            std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-            out.append(f"{mean:.1f} ± {std:.1f} ({len(values)})")
+            if len(values) == 1:  # no spread from one run
+                out.append(f"{mean:.1f} (1)")
+                continue
+            out.append(f"{mean:.1f} ± {100 * statistics.stdev(values):.1f} ({len(values)})")
         lines.append(f"| {method} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
