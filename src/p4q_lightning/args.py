@@ -78,6 +78,10 @@ class LossArgs:
         temperature: softmax temperature of the ``kd`` distillation.
         teacher_text: the teacher's classifier: ``templates`` (mean template embedding) or
             ``prompt`` (the learned prompt through the float text tower).
+        kg_weight: KgCoOp's lambda (``kgcoop`` only): weight of ``mean_k (1 - cos(w_k, w0_k))``
+            between the learned prompt's and the hand-written prompt's class embeddings
+            through the same student text tower (half the squared distance of the normalised
+            embeddings, as KgCoOp's code computes it; 8.0 published).
     """
 
     ce_weight: float = 1.0
@@ -85,6 +89,7 @@ class LossArgs:
     distill_kind: Literal["kd", "official"] = "kd"
     temperature: float = 1.0
     teacher_text: Literal["templates", "prompt"] = "templates"
+    kg_weight: float = 8.0
 
     def __post_init__(self) -> None:
         _check_choice("loss.distill_kind", self.distill_kind, "kd official")
@@ -104,6 +109,11 @@ class OptimArgs:
         adapter_lr: AdamW learning rate of the adapter.
         adapter_weight_decay: AdamW weight decay of the adapter.
         adapter_eps: AdamW epsilon of the adapter.
+        cache_lr: AdamW learning rate of Tip-Adapter-F's cache keys (1e-3 published).
+        cache_eps: AdamW epsilon of the cache keys (1e-4 as Tip-Adapter-F's code).
+        cache_weight_decay: AdamW weight decay of the cache keys (torch's default, as there).
+        lora_lr: AdamW learning rate of CLIP-LoRA's factors (2e-4 published).
+        lora_weight_decay: AdamW weight decay of the LoRA factors (1e-2 as CLIP-LoRA's code).
         warmup_epochs: epochs of constant-lr warmup before the per-step cosine schedule.
         warmup_lr: the learning rate during warmup.
     """
@@ -114,6 +124,11 @@ class OptimArgs:
     adapter_lr: float = 1e-3
     adapter_weight_decay: float = 1e-2
     adapter_eps: float = 1e-8
+    cache_lr: float = 1e-3
+    cache_eps: float = 1e-4
+    cache_weight_decay: float = 1e-2
+    lora_lr: float = 2e-4
+    lora_weight_decay: float = 1e-2
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-5
 
@@ -143,12 +158,67 @@ class FeatureArgs:
             )
 
 
+@dataclass(frozen=True)
+class TipArgs:
+    """Tip-Adapter's cache logits ``alpha * exp(-beta * (1 - f . K)) @ V`` (``tip_adapter``,
+    ``tip_adapter_f``): K the few-shot image features, V their one-hot labels.
+
+    Args:
+        alpha: weight of the cache logits before (or without) the search.
+        beta: sharpness of the affinity before (or without) the search.
+        search: grid-search alpha and beta on the validation split after the cache is built
+            (Tip-Adapter) or trained (Tip-Adapter-F), as the paper does.
+        search_beta_max: beta grid ``0.1 + i * (max - 0.1) / steps``, i < steps.
+        search_alpha_max: alpha grid, the same way.
+        search_beta_steps: points of the beta grid.
+        search_alpha_steps: points of the alpha grid.
+    """
+
+    alpha: float = 1.0
+    beta: float = 5.5
+    search: bool = True
+    search_beta_max: float = 7.0
+    search_alpha_max: float = 3.0
+    search_beta_steps: int = 200
+    search_alpha_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or self.alpha < 0:
+            raise ValueError(f"tip.alpha={self.alpha}, tip.beta={self.beta}: use values >= 0")
+        if self.search_beta_steps < 1 or self.search_alpha_steps < 1:
+            raise ValueError("tip.search_beta_steps and tip.search_alpha_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoRAArgs:
+    """CLIP-LoRA's low-rank float factors on q, k and v of every attention block of both towers
+    (``clip_lora`` only), over the frozen (quantized) projections.
+
+    Args:
+        rank: rank r of each factor pair (2 published).
+        alpha: the update is ``alpha / rank * B(A(dropout(x)))`` (1 published).
+        dropout: dropout on the factors' input while training (0.25 published).
+    """
+
+    rank: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank={self.rank}: use a positive rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout}: use a probability in [0, 1)")
+
+
 GROUPS: dict[str, type] = {
     "prompt": PromptArgs,
     "adapter": AdapterArgs,
     "loss": LossArgs,
     "optim": OptimArgs,
     "features": FeatureArgs,
+    "tip": TipArgs,
+    "lora": LoRAArgs,
 }
 
 T = TypeVar("T")

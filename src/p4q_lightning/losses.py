@@ -74,3 +74,12 @@ def p4q_loss(
         total = total + loss.distill_weight * dist
     parts["loss"] = total
     return parts
+
+
+def kgcoop_loss(learned: torch.Tensor, handwritten: torch.Tensor) -> torch.Tensor:
+    """KgCoOp's regulariser: ``mean_k (1 - cos(w_k, w0_k))`` between the learned prompt's class
+    embeddings and the hand-written prompt's (constants), i.e. half the mean squared distance
+    of the normalised embeddings, as KgCoOp's code computes it."""
+    learned = F.normalize(learned.float(), dim=-1)
+    handwritten = F.normalize(handwritten.detach().float(), dim=-1)
+    return (1.0 - (learned * handwritten).sum(dim=-1)).mean()

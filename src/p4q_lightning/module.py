@@ -1,4 +1,5 @@
-"""``P4QModule``: P4Q and its baselines (CoOp, PTQ, zero-shot) as one LightningModule.
+"""``P4QModule``: P4Q and its baselines (CoOp, PTQ, zero-shot, Tip-Adapter(-F), CLIP-LoRA,
+KgCoOp) as one LightningModule.
 
 Thin glue: the float teacher and the quantized student are frozen open_clip models; the prompt
 learner and the low-bit adapter are the only trainable parameters. Text towers, losses, feature
@@ -22,14 +23,17 @@ from p4q_lightning.args import (
     GROUPS,
     AdapterArgs,
     FeatureArgs,
+    LoRAArgs,
     LossArgs,
     OptimArgs,
     PromptArgs,
+    TipArgs,
     as_group,
 )
-from p4q_lightning.losses import cosine_logits, p4q_loss
+from p4q_lightning.losses import cosine_logits, kgcoop_loss, p4q_loss
 from p4q_lightning.methods import Method, MethodTraits, traits
 from p4q_lightning.model.classifier import DEFAULT_TEMPLATES, P4QClassifier
+from p4q_lightning.model.tip_adapter import grid, search_alpha_beta
 from p4q_lightning.test_classes import check_scorable, scoring_classes
 from p4q_lightning.training import checkpointing, optim
 from p4q_lightning.training.feature_source import TrainFeatureSource
@@ -56,7 +60,9 @@ class P4QModule(LightningModule):
         init_seed: seed of the random weights when ``pretrained`` is None.
         method: ``p4q`` (prompts + adapter + distillation on the PTQ student), ``coop``
             (prompts on the float model), ``ptq`` (PTQ student, template classifier, no
-            training) or ``zeroshot`` (float model, template classifier, no training).
+            training), ``zeroshot`` (float model, template classifier, no training), or a
+            few-shot baseline on the same student: ``tip_adapter``, ``tip_adapter_f``,
+            ``clip_lora``, ``kgcoop`` (see :mod:`p4q_lightning.methods`).
         quant: quantization preset (``w8a8``, ``w4a4``, ``p4q-official``, ...) or QuantSpec dict.
         quant_overrides: per-group changes, e.g. ``{"attn_internals": {"a_bits": 8}}``.
         prompt: the learned prompt (context length, initialisation, text-tower chunking).
@@ -67,6 +73,8 @@ class P4QModule(LightningModule):
         logit_scale: fixed logit scale (the official code uses 100); None uses the model's.
         classnames: override the datamodule's class names (same number of classes).
         templates: override the datamodule's prompt templates (each with one ``{}``).
+        tip: Tip-Adapter's alpha, beta and their validation search (``tip_adapter*``).
+        lora: CLIP-LoRA's rank, alpha and dropout (``clip_lora``).
     """
 
     def __init__(
@@ -86,6 +94,8 @@ class P4QModule(LightningModule):
         logit_scale: float | None = None,
         classnames: list[str] | None = None,
         templates: list[str] | None = None,
+        tip: TipArgs = TipArgs(),
+        lora: LoRAArgs = LoRAArgs(),
     ) -> None:
         super().__init__()
         traits(method)  # an unknown method fails before any model is built
@@ -94,6 +104,8 @@ class P4QModule(LightningModule):
         self.loss_args = as_group(LossArgs, loss, "model.loss")
         self.optim_args = as_group(OptimArgs, optim, "model.optim")
         self.features_args = as_group(FeatureArgs, features, "model.features")
+        self.tip_args = as_group(TipArgs, tip, "model.tip")
+        self.lora_args = as_group(LoRAArgs, lora, "model.lora")
         # plain values only: checkpoints are read back with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -124,6 +136,8 @@ class P4QModule(LightningModule):
             teacher_text=self.loss_args.teacher_text,
             logit_scale=logit_scale,
             templates=templates,
+            tip=self.tip_args,
+            lora=self.lora_args,
         )
         self._train_source: TrainFeatureSource | None = None
         self._offload: FrozenOffload | None = None  # frozen towers out of memory during fit
@@ -189,16 +203,19 @@ class P4QModule(LightningModule):
         if stage in ("validate", "test"):
             self._check_not_empty(stage)
         if stage == "fit":
-            if not self.traits.trains:
+            if not self.traits.fits:
                 raise ValueError(
                     f"method={self.method!r} has nothing to train: run `validate` or `test` "
                     "(e.g. `lightning test --config ...`) instead of `fit`"
                 )
             self._check_trainable()
+            self._check_feature_cache()
             # The frozen CLIPs are in eval mode on purpose; Lightning would warn about each fit.
             warnings.filterwarnings(
                 "ignore", message=r".*module\(s\) in eval mode at the start of training"
             )
+            if not self.traits.trains:  # Tip-Adapter: fit builds the cache, no optimiser
+                warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None")
             identity = ("model_name", "pretrained", "model_config", "init_seed")
             self._train_source = TrainFeatureSource.attach(
                 self.trainer,
@@ -259,13 +276,32 @@ class P4QModule(LightningModule):
             )
 
     def _check_trainable(self) -> None:
-        allowed = ("prompt_learner.", "adapter.")
-        wrong = [
-            n for n in self.classifier.trainable_parameter_names() if not n.startswith(allowed)
-        ]
+        def allowed(name: str) -> bool:
+            if name.startswith(("prompt_learner.", "adapter.", "tip_cache.")):
+                return True
+            return name.startswith("student.") and name.endswith((".lora_A", ".lora_B"))
+
+        wrong = [n for n in self.classifier.trainable_parameter_names() if not allowed(n)]
         if wrong:
             raise RuntimeError(
-                f"only prompt and adapter parameters may train, but these require grad: {wrong[:5]}"
+                "only prompt and adapter parameters (and CLIP-LoRA's factors, Tip-Adapter-F's "
+                f"cache keys) may train, but these require grad: {wrong[:5]}"
+            )
+
+    def _check_feature_cache(self) -> None:
+        """Tip-Adapter's cache is the feature cache's views; CLIP-LoRA cannot use one."""
+        views = self.features_args.views
+        if self.traits.tip_cache and views == 0:
+            raise ValueError(
+                f"method={self.method!r} builds its cache from the cached image features, but "
+                "model.features.views is 0: set model.features.views to 1 or more (10 published)"
+            )
+        if self.traits.image_tower_trains and views > 0:
+            log.info(
+                "method=%r trains the image tower: model.features.views=%d is not used (images "
+                "run through both towers on every step)",
+                self.method,
+                views,
             )
 
     # ------------------------------------------------------------------ training
@@ -294,16 +330,17 @@ class P4QModule(LightningModule):
         images, labels = batch[0], batch[1]
         model = self.classifier
         teacher = model.teacher_image_features(images) if self.distills else None
-        return model.student_image_features(images), teacher, labels
+        return model.train_image_features(images), teacher, labels
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if _is_empty(batch):
             return None  # every image of the batch was skipped as corrupt: skip the step
         student_feats, teacher_feats, labels = self._batch_features(batch)
         model, loss = self.classifier, self.loss_args
-        logits = cosine_logits(
-            model.adapt(student_feats), model.student_text_features(sharded=True), model.logit_scale
-        )
+        text = model.student_text_features(sharded=True)
+        # Tip-Adapter-F trains with the initial alpha and beta; the searched ones evaluate
+        scalars = (self.tip_args.alpha, self.tip_args.beta) if self.traits.trains_cache else None
+        logits = model.logits_from_features(student_feats, text, scalars)
         teacher_logits = None
         if self.distills:
             teacher_logits = cosine_logits(
@@ -315,18 +352,23 @@ class P4QModule(LightningModule):
             teacher_logits,
             loss,
         )
+        if self.traits.anchors_prompt and loss.kg_weight:
+            parts["kg"] = kgcoop_loss(text, model.anchor_text_features())
+            parts["loss"] = parts["loss"] + loss.kg_weight * parts["kg"]
         batch_size = labels.shape[0]
         # Per-step training logs stay rank-local (no collective per step); evaluation syncs.
         self.log("train/loss", parts["loss"], prog_bar=True, batch_size=batch_size)
         self.log("train/ce", parts["ce"], batch_size=batch_size)
-        if "distill" in parts:
-            self.log("train/distill", parts["distill"], batch_size=batch_size)
+        for name in ("distill", "kg"):
+            if name in parts:
+                self.log(f"train/{name}", parts[name], batch_size=batch_size)
         acc = (logits.argmax(dim=-1) == labels).float().mean()
         self.log("train/top1", acc, batch_size=batch_size)
         return parts["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.classifier.invalidate_text()  # the prompt changed
+        if self.traits.trains_prompts or self.traits.lora:
+            self.classifier.invalidate_text()  # the prompt (or LoRA's text tower) changed
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
                 self.log(
@@ -334,12 +376,22 @@ class P4QModule(LightningModule):
                 )
 
     def configure_optimizers(self) -> Any:
+        if not self.traits.trains:
+            return None  # Tip-Adapter: fit builds the cache and trains nothing
         return optim.configure(self.classifier, self.optim_args, self.trainer)
 
     def on_train_start(self) -> None:
         self._trained = True
         if self._train_source is not None:
             self._train_source.fill()  # calibrated by now (CalibrationCallback.on_fit_start)
+        if self.classifier.tip_cache is not None:
+            self._build_tip_cache()
+            if not self.traits.trains:
+                self._search_tip_scalars()
+                self.trainer.should_stop = True  # nothing to train: no epoch runs
+                return  # and nothing to release: the fit ends here
+        if self._train_source is not None:
+            self._encode_fixed_step_text()  # before the token tables leave memory
             # from here on the steps read cached features: the frozen towers can leave memory
             self.classifier.teacher_fingerprint()  # checkpoints record it; computed once, now
             if self.distills:
@@ -347,6 +399,16 @@ class P4QModule(LightningModule):
             used, towers = self.classifier.cached_step_modules(self.distills)
             self._offload = FrozenOffload(towers, keep=used)
             self._offload.release()
+
+    def _encode_fixed_step_text(self) -> None:
+        """Cache the class embeddings a training step reads but never changes (Tip-Adapter-F's
+        template classifier, KgCoOp's hand-written anchor): they need the token tables that
+        the fit releases."""
+        model = self.classifier
+        if not self.traits.trains_prompts:
+            model.student_text_features()
+        if self.traits.anchors_prompt:
+            model.anchor_text_features()
 
     def on_train_end(self) -> None:
         self._restore_frozen()  # before on_fit_end's export and comparison read the towers
@@ -358,6 +420,65 @@ class P4QModule(LightningModule):
                 self._offload = None
             else:
                 self._offload.restore()
+
+    def _build_tip_cache(self) -> None:
+        """Keys: the student's features of the training images over the feature cache's
+        views; values: their labels."""
+        source = self._train_source
+        cache = source.cache if source is not None else None
+        if cache is None:
+            raise RuntimeError(
+                f"method={self.method!r} builds its cache from the cached training features, "
+                "but none were cached: use a datamodule with FeatureServing (e.g. "
+                "FewShotDataModule) and model.features.views >= 1"
+            )
+        model = self.classifier
+        assert model.tip_cache is not None
+        model.tip_cache.build(
+            cache.features["student"].to(self.device),
+            cache.labels.to(self.device),
+            len(model.classnames),
+        )
+        model.tip_cache.set_scalars(self.tip_args.alpha, self.tip_args.beta)
+
+    def _search_tip_scalars(self) -> None:
+        """Tip-Adapter's grid search of alpha and beta on the validation split."""
+        args, model = self.tip_args, self.classifier
+        if not args.search:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        make = getattr(dm, "val_dataloader", None)
+        if make is None:
+            raise ValueError(
+                "tip.search needs a validation split (a datamodule with val_dataloader()); "
+                "set model.tip.search: false to keep tip.alpha and tip.beta"
+            )
+        feats, labels = [], []
+        with torch.no_grad():
+            for batch in make():
+                if _is_empty(batch):
+                    continue
+                feats.append(model.student_image_features(batch[0]))
+                labels.append(batch[1].to(self.device))
+            if not feats:
+                raise ValueError("tip.search: the validation split has no images")
+            features, targets = torch.cat(feats), torch.cat(labels)
+            cache = model.tip_cache
+            assert cache is not None
+            text = model.student_text_features()
+            zero_shot = cosine_logits(features, text, model.logit_scale)
+            alpha, beta, acc = search_alpha_beta(
+                zero_shot,
+                cache.affinity(features),
+                cache.values,
+                targets,
+                grid(args.search_beta_max, args.search_beta_steps),
+                grid(args.search_alpha_max, args.search_alpha_steps),
+            )
+        cache.set_scalars(alpha, beta)
+        log.info("Tip-Adapter search: alpha=%.3f beta=%.3f (val top-1 %.4f)", alpha, beta, acc)
+        for logger in self.loggers:
+            logger.log_metrics({"tip/alpha": alpha, "tip/beta": beta, "tip/val_top1": acc})
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":
@@ -375,6 +496,7 @@ class P4QModule(LightningModule):
 
     def on_validation_end(self) -> None:
         if self._offload is not None and not self.trainer.sanity_checking:
+            self._encode_fixed_step_text()  # validation's end forgot them
             self._offload.release()  # back to training from the cache
 
     def on_test_start(self) -> None:
@@ -385,7 +507,7 @@ class P4QModule(LightningModule):
         trainer = self.trainer
         if trainer.sanity_checking:
             return
-        if self.traits.trains and not self._trained and trainer.state.fn != "fit":
+        if self.traits.fits and not self._trained and trainer.state.fn != "fit":
             adapter = " and adapter" if self.classifier.adapter is not None else ""
             message = (
                 f"evaluating method={self.method!r} with an UNTRAINED prompt{adapter}: no "
@@ -397,6 +519,11 @@ class P4QModule(LightningModule):
             log.warning(message)
 
     def on_validation_epoch_start(self) -> None:
+        trainer = self.trainer
+        if self.traits.trains_cache and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # Tip-Adapter-F: alpha and beta searched on the validation split for the keys as
+            # trained so far, so each validation and each checkpoint uses them
+            self._search_tip_scalars()
         self._start_eval()
 
     def on_test_epoch_start(self) -> None:
@@ -450,8 +577,8 @@ class P4QModule(LightningModule):
         images, labels = batch[0], batch[1]
         model = self.classifier
         with torch.no_grad():
-            features = model.adapt(model.student_image_features(images))
-            logits = cosine_logits(features, self._extra_text[index], model.logit_scale)
+            features = model.student_image_features(images)
+            logits = model.logits_from_features(features, self._extra_text[index])
         metrics = self.extra_test_metrics[index]
         metrics["top1"].update(logits, labels)
         metrics["top5"].update(logits, labels)

@@ -17,6 +17,7 @@ cross-dataset transfer, base-to-novel's ``new`` half) gets rows for each, named 
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from p4q_lightning.callbacks.export import RunDirectory
 from p4q_lightning.export.writer import estimate_lowbit_nbytes, float32_nbytes
 from p4q_lightning.methods import METHODS
 from p4q_lightning.model.classifier import P4QClassifier
+from p4q_lightning.model.lora import lora_disabled, lora_parameters
 from p4q_lightning.rundir import bits_label
 from p4q_lightning.test_classes import Rows, scoring_classes
 from p4q_lightning.wandb_mode import resolve_wandb_mode
@@ -174,11 +176,12 @@ class ComparisonCallback(Callback):
         ``restrict`` takes the classifier's class embeddings to the rows that score this set
         (a domain-generalisation set's classes); ``classnames`` are the set's class names."""
         method = model.method
-        quantized, trained = model.traits.quantized, model.traits.trains
+        quantized, trained = model.traits.quantized, model.traits.fits
         names = list(classnames) if classnames is not None else model.classnames
         text = {FP_METHOD: model.template_text_features(model.teacher)}
         if quantized:
-            text[PTQ_METHOD] = model.template_text_features(model.student)
+            with _ptq_student(model):
+                text[PTQ_METHOD] = model.template_text_features(model.student)
         if trained:
             text[method] = model.student_text_features().detach().float()
         if restrict is not None:
@@ -193,15 +196,22 @@ class ComparisonCallback(Callback):
                 break
             images, labels = batch[0].to(model.device), batch[1].to(model.device)
             feats = {FP_METHOD: model.teacher_image_features(images)}
-            student = model.student_image_features(images) if quantized else feats[FP_METHOD]
+            with _ptq_student(model):
+                student = model.student_image_features(images) if quantized else feats[FP_METHOD]
             if quantized:
                 feats[PTQ_METHOD] = student
+            scores: dict[str, torch.Tensor] = {}
             if trained:
+                if model.traits.image_tower_trains:  # CLIP-LoRA: its own image features
+                    student = model.student_image_features(images)
                 feats[method] = model.adapt(student)
+                # the method's own logits (Tip-Adapter adds its cache to the cosine logits)
+                scores[method] = model.logits_from_features(student, text[method])
             pick = self._pick(labels, sel_labels)
             for m, f in feats.items():
                 f = F.normalize(f, dim=-1)
-                top = (f @ text[m].t()).topk(k5, dim=-1).indices
+                score = scores.get(m)
+                top = (f @ text[m].t() if score is None else score).topk(k5, dim=-1).indices
                 correct[m][0] += int((top[:, 0] == labels).sum())
                 correct[m][1] += int((top == labels[:, None]).any(dim=-1).sum())
                 if pick:
@@ -289,17 +299,29 @@ def harmonic_mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _trains(row_method: str) -> bool:
-    """Whether a comparison row's method was trained (rows also name ``fp32 zero-shot``)."""
-    return row_method in METHODS and METHODS[row_method].trains
+    """Whether a comparison row's method used the shots (rows also name ``fp32 zero-shot``)."""
+    return row_method in METHODS and METHODS[row_method].fits
+
+
+def _ptq_student(model: P4QClassifier) -> AbstractContextManager[None]:
+    """The PTQ student as it was before training: CLIP-LoRA's factors switched off."""
+    return lora_disabled(model.student) if model.traits.lora else nullcontext()
 
 
 def _sizes(model: P4QClassifier) -> dict[str, float]:
     fp = float32_nbytes(model.teacher)
     sizes = {FP_METHOD: fp, "coop": fp}
     if model.traits.quantized:
-        sizes[PTQ_METHOD] = estimate_lowbit_nbytes(model.student)
-        sizes["p4q"] = sizes[PTQ_METHOD] + (
-            estimate_lowbit_nbytes(model.adapter) if model.adapter is not None else 0
+        # float extras beside the low-bit student: LoRA factors, Tip-Adapter's keys and values
+        lora_bytes = sum(p.numel() * 4 for p in lora_parameters(model.student))
+        sizes[PTQ_METHOD] = estimate_lowbit_nbytes(model.student) - lora_bytes
+        extras = lora_bytes
+        if model.tip_cache is not None:
+            extras += (model.tip_cache.keys.numel() + model.tip_cache.values.numel()) * 4
+        sizes[model.method] = (
+            sizes[PTQ_METHOD]
+            + extras
+            + (estimate_lowbit_nbytes(model.adapter) if model.adapter is not None else 0)
         )
     learner = model.prompt_learner
     if learner is not None:

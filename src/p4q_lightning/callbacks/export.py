@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from p4q_lightning.export.format import check_writable
 from p4q_lightning.export.from_module import export_module
 from p4q_lightning.export.writer import ExportReport
-from p4q_lightning.methods import quantized_methods
+from p4q_lightning.methods import exportable_methods, traits
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class LowBitExportCallback(Callback):
         self.run_directory.resolve(trainer)
         exports_after = {"fit": ("fit", "both"), "test": ("test", "both")}.get(stage, ())
         method = getattr(getattr(pl_module, "classifier", None), "method", None)
-        if self.after in exports_after and method in quantized_methods():
+        if self.after in exports_after and method in exportable_methods():
             if trainer.is_global_zero:
                 check_writable(self.path(trainer))
 
@@ -109,9 +109,12 @@ class LowBitExportCallback(Callback):
     def export(self, trainer: Trainer, pl_module: LightningModule) -> ExportReport | None:
         model = getattr(pl_module, "classifier", None)  # a P4QClassifier (P4QModule has one)
         method = getattr(model, "method", None)
-        if method not in quantized_methods():
+        if method not in exportable_methods():
+            refusal = traits(method).export_refusal if method is not None else None
             log.info(
-                "LowBitExportCallback: method %r has no low-bit student; nothing exported", method
+                "LowBitExportCallback: method %r is not exported: %s",
+                method,
+                refusal or "it has no low-bit student",
             )
             return None
         self.report = export_module(model, self.path(trainer), trainer)

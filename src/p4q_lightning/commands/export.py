@@ -47,6 +47,20 @@ def check_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def refuse_unexportable(ckpt: dict) -> None:
+    """A checkpoint of a method the low-bit file cannot hold is refused in one line, naming why
+    (Tip-Adapter's cache, CLIP-LoRA's float factors)."""
+    from p4q_lightning.export.format import ExportMismatchError
+    from p4q_lightning.methods import METHODS
+
+    method = ckpt["hyper_parameters"].get("method")
+    refusal = METHODS[method].export_refusal if method in METHODS else None
+    if refusal is not None:
+        raise ExportMismatchError(
+            f"method={method!r} does not export to the low-bit file: {refusal}"
+        )
+
+
 def module_from_checkpoint(ckpt: dict) -> Any:
     """The P4QModule a checkpoint describes, with its prompt, adapter and ranges loaded.
 
@@ -113,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = (args.out or default_output(args.checkpoint)).expanduser()
     check_writable(out)  # before the minutes a large model takes to rebuild
-    module = module_from_checkpoint(check_checkpoint(args.checkpoint))
+    ckpt = check_checkpoint(args.checkpoint)
+    refuse_unexportable(ckpt)  # before the model is rebuilt
+    module = module_from_checkpoint(ckpt)
     module.eval()
     report = export_module(module.classifier, out)
     sys.stdout.write(

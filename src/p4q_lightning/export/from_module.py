@@ -12,7 +12,7 @@ import torch
 from p4q_lightning.export import adapters
 from p4q_lightning.export.format import ExportMismatchError
 from p4q_lightning.export.writer import ExportReport, export_lowbit
-from p4q_lightning.methods import quantized_methods
+from p4q_lightning.methods import exportable_methods, quantized_methods
 from p4q_lightning.model.classifier import P4QClassifier
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,15 @@ def export_module(
     is a :class:`P4QClassifier` (``P4QModule.classifier``); its teacher must have been built from
     an open_clip name (:meth:`P4QClassifier.build`), which the file records.
     """
+    if model.traits.export_refusal is not None:
+        raise ExportMismatchError(
+            f"method={model.method!r} does not export to the low-bit file: "
+            f"{model.traits.export_refusal}"
+        )
     if model.method not in quantized_methods():
         raise ExportMismatchError(
             f"method={model.method!r} has no quantized student to export; low-bit export applies "
-            f"to method {' or '.join(quantized_methods())}"
+            f"to method {' or '.join(exportable_methods())}"
         )
     if model.needs_calibration:
         raise ExportMismatchError(

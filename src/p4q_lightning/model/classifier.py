@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from p4q_lightning import seeding
-from p4q_lightning.args import AdapterArgs, PromptArgs
+from p4q_lightning.args import AdapterArgs, LoRAArgs, PromptArgs, TipArgs
 from p4q_lightning.losses import cosine_logits
 from p4q_lightning.methods import MethodTraits, traits
 from p4q_lightning.model.adapter import LowBitAdapter, adapted_image_features
 from p4q_lightning.model.build import build_teacher, image_feature_dim, weight_fingerprint
+from p4q_lightning.model.lora import install_lora, lora_layers, lora_parameters
 from p4q_lightning.model.prompt_learner import PromptLearner
 from p4q_lightning.model.text_encoder import TextTower, encode_prompts, template_text_features
 from p4q_lightning.model.text_sharding import gather_sharded
+from p4q_lightning.model.tip_adapter import TipCache
 from p4q_lightning.quant import QuantSpec, get_spec, is_calibrated, quantize
 from p4q_lightning.quant import calibrate as calibrate_student
 from p4q_lightning.quant.calibrate import CALIB_BATCH_SIZE, image_batches
@@ -46,6 +48,8 @@ class P4QClassifier(nn.Module):
         logit_scale: fixed cosine-logit scale; None uses the model's learned one.
         init_seed: seed of the prompt and adapter initialisation (the run seed wins if set).
         templates: prompt templates of the template classifier (each with one ``{}``).
+        tip: Tip-Adapter's cache scalars (``tip_adapter``, ``tip_adapter_f``).
+        lora: CLIP-LoRA's factors (``clip_lora``).
     """
 
     def __init__(
@@ -60,6 +64,8 @@ class P4QClassifier(nn.Module):
         logit_scale: float | None = None,
         init_seed: int = 0,
         templates: Sequence[str] | None = None,
+        tip: TipArgs | None = None,
+        lora: LoRAArgs | None = None,
     ) -> None:
         super().__init__()
         self.method = method
@@ -71,7 +77,13 @@ class P4QClassifier(nn.Module):
         quantized = self.traits.quantized
         self.quant_spec = (quant_spec or get_spec("w8a8")) if quantized else get_spec("fp")
         self.teacher, self.tokenizer = teacher, tokenizer
+        self.lora_args = lora or LoRAArgs()
         self.student = quantize(teacher, self.quant_spec) if self.traits.quantized else teacher
+        self._install_lora()
+        self.tip_cache: TipCache | None = None
+        if self.traits.tip_cache:
+            tip = tip or TipArgs()
+            self.tip_cache = TipCache(tip.alpha, tip.beta, trainable=self.traits.trains_cache)
         self.adapter: LowBitAdapter | None = None
         adapter = adapter or AdapterArgs()
         if self.traits.uses_adapter and adapter.enabled:
@@ -89,6 +101,7 @@ class P4QClassifier(nn.Module):
         self.templates: list[str] = list(templates or DEFAULT_TEMPLATES)
         self.register_buffer("_teacher_text", None, persistent=False)
         self.register_buffer("_student_template_text", None, persistent=False)
+        self.register_buffer("_anchor_text", None, persistent=False)
         self._eval_text: torch.Tensor | None = None
         self._teacher_checksum: float | None = None
         self.text_shard: tuple[int, int] = (0, 0)  # classes this rank encoded last (DDP)
@@ -145,6 +158,7 @@ class P4QClassifier(nn.Module):
         if changed:
             self._teacher_text = None
             self._student_template_text = None
+            self._anchor_text = None
         return changed
 
     @property
@@ -157,6 +171,8 @@ class P4QClassifier(nn.Module):
         super().train(mode)
         self.teacher.eval()
         self.student.eval()
+        for layer in lora_layers(self.student):  # LoRA's dropout acts while training
+            layer.train(mode)
         return self
 
     # ------------------------------------------------------------------ calibration
@@ -220,6 +236,7 @@ class P4QClassifier(nn.Module):
         if self.adapter is not None and not self.adapter.is_calibrated:
             first = itertools.islice(image_batches(images, batch_size), adapter_batches)
             self.adapter.calibrate(self.student_image_features(x) for x in first)
+        self._anchor_text = None
         self.invalidate_text()
         return stats
 
@@ -227,7 +244,18 @@ class P4QClassifier(nn.Module):
         """A fresh, uncalibrated student from the float teacher (before loading other ranges)."""
         if self.traits.quantized:
             self.student = quantize(self.teacher, self.quant_spec)
+            self._install_lora()
+            self._anchor_text = None
             self.invalidate_text()
+
+    def _install_lora(self) -> None:
+        """CLIP-LoRA: wrap every attention's q/k/v projection of the student (both towers)."""
+        if self.traits.lora:
+            a = self.lora_args
+            generator = seeding.generator("lora", self.init_seed)
+            install_lora(self.student, a.rank, a.alpha, a.dropout, generator)
+            for p in lora_parameters(self.student):
+                p.requires_grad_(True)
 
     # ------------------------------------------------------------------ features and logits
     @property
@@ -248,17 +276,55 @@ class P4QClassifier(nn.Module):
         """The float teacher's image embeddings [B, D] (the distillation target)."""
         return adapted_image_features(self.teacher, None, images.to(self.device))
 
+    def train_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's image embeddings for a training step: with the graph when the image
+        tower trains (CLIP-LoRA), else as :meth:`student_image_features`."""
+        if self.traits.image_tower_trains:
+            return adapted_image_features(self.student, None, images.to(self.device))
+        return self.student_image_features(images)
+
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
         """Student image features through the adapter (unchanged without one)."""
         return self.adapter(features) if self.adapter is not None else features
 
-    def template_text_features(self, model: nn.Module) -> torch.Tensor:
-        """``model``'s template classifier [n_cls, D] (normalised) for the current classes."""
+    def logits_from_features(
+        self,
+        features: torch.Tensor,
+        text: torch.Tensor,
+        tip_scalars: tuple[float, float] | None = None,
+    ) -> torch.Tensor:
+        """The method's logits [B, n_cls] from the student's (pre-adapter) image features and
+        the class embeddings: adapter, cosine x scale, plus Tip-Adapter's cache logits (alpha
+        times) once the cache is built, with the cache's alpha and beta or ``tip_scalars``."""
+        logits = cosine_logits(self.adapt(features), text, self.logit_scale)
+        cache = self.tip_cache
+        if cache is not None and cache.is_built:
+            if cache.values.shape[1] != logits.shape[1]:
+                raise ValueError(
+                    f"Tip-Adapter's cache holds {cache.values.shape[1]} classes but "
+                    f"{logits.shape[1]} are scored: the cache can only score the classes it was "
+                    "built on (not a base-to-novel new half or another dataset)"
+                )
+            alpha, beta = tip_scalars if tip_scalars is not None else (cache.alpha, cache.beta)
+            logits = logits + alpha * cache(features, beta)
+        return logits
+
+    @torch.no_grad()
+    def anchor_text_features(self) -> torch.Tensor:
+        """KgCoOp's anchor: the hand-written prompt's (template classifier's) class embeddings
+        through the student's text tower, cached until the classes or the student change."""
+        if self._anchor_text is None:
+            self._anchor_text = self.template_text_features(self.student)
+        return self._anchor_text
+
+    def template_text_features(self, model: nn.Module, grad: bool = False) -> torch.Tensor:
+        """``model``'s template classifier [n_cls, D] (normalised) for the current classes
+        (``grad``: with the graph, for CLIP-LoRA's training text tower)."""
         if not self.classnames:
             raise RuntimeError("no class names yet: call set_classes() or run through a Trainer")
         with torch.inference_mode(False):  # a cache, reused by training steps
             return template_text_features(
-                model, self.tokenizer, self.classnames, self.templates, chunk_size=1024
+                model, self.tokenizer, self.classnames, self.templates, chunk_size=1024, grad=grad
             )
 
     def student_text_features(self, sharded: bool = False) -> torch.Tensor:
@@ -267,6 +333,8 @@ class P4QClassifier(nn.Module):
 
         ``sharded``: under DDP, each rank encodes 1/W of the classes and they are gathered
         (a collective: only where every rank calls it, as in the training and eval steps)."""
+        if self.traits.lora:  # the text tower trains: encode again, with the graph if enabled
+            return self.template_text_features(self.student, grad=torch.is_grad_enabled())
         if not self.traits.trains_prompts and self.traits.quantized:
             if self._student_template_text is None:
                 self._student_template_text = self.template_text_features(self.student)
@@ -321,8 +389,8 @@ class P4QClassifier(nn.Module):
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
         text = self._eval_text if self._eval_text is not None else self.student_text_features()
-        features = adapted_image_features(self.student, self.adapter, images.to(self.device))
-        return cosine_logits(features, text, self.logit_scale)
+        features = adapted_image_features(self.student, None, images.to(self.device))
+        return self.logits_from_features(features, text)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -362,7 +430,8 @@ class P4QClassifier(nn.Module):
         return used, [self.teacher, self.student]
 
     def trainable_parameter_names(self) -> list[str]:
-        """Names of the parameters that require grad (only the prompt and the adapter may)."""
+        """Names of the parameters that require grad (the prompt, the adapter, the LoRA factors
+        and Tip-Adapter-F's keys may)."""
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def _learner(self) -> PromptLearner:

@@ -267,6 +267,14 @@ def encode_tokens(
     model: nn.Module, token_ids: torch.Tensor, chunk_size: int | None = 1024
 ) -> torch.Tensor:
     """``model.encode_text(token_ids)`` truncated to the longest sequence and chunked (no grad)."""
+    return encode_tokens_with_grad(model, token_ids, chunk_size)
+
+
+def encode_tokens_with_grad(
+    model: nn.Module, token_ids: torch.Tensor, chunk_size: int | None = 1024
+) -> torch.Tensor:
+    """:func:`encode_tokens` keeping the graph when grad is enabled (CLIP-LoRA's text tower
+    trains)."""
     tower = TextTower(model)
     device = tower.root.positional_embedding.device
     token_ids = token_ids.to(device)
@@ -282,16 +290,17 @@ def encode_tokens(
     return torch.cat(out, dim=0)
 
 
-@torch.no_grad()
 def template_text_features(
     model: nn.Module,
     tokenizer: Callable[..., torch.Tensor],
     classnames: Sequence[str],
     templates: Sequence[str],
     chunk_size: int | None = 1024,
+    grad: bool = False,
 ) -> torch.Tensor:
     """Zero-shot classifier [n_cls, D]: per class, the renormalised mean of the normalised
-    embeddings of every template filled with the class name."""
+    embeddings of every template filled with the class name (``grad``: keep the graph, for a
+    text tower that trains)."""
     if not templates:
         raise ValueError(
             "template_text_features needs at least one template such as 'a photo of a {}.'"
@@ -301,7 +310,8 @@ def template_text_features(
         raise ValueError(f"template {bad[0]!r} has no '{{}}' placeholder for the class name")
     names = [str(c).replace("_", " ") for c in classnames]
     texts = [t.format(c) for c in names for t in templates]
-    features = encode_tokens(model, tokenizer(texts), chunk_size)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        features = encode_tokens_with_grad(model, tokenizer(texts), chunk_size)
     features = (
         F.normalize(features.float(), dim=-1).view(len(names), len(templates), -1).mean(dim=1)
     )

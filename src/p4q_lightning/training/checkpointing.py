@@ -43,13 +43,20 @@ FROZEN_PREFIXES = (PREFIX + "teacher.", PREFIX + "student.")
 
 
 def kept_student_keys(model: P4QClassifier) -> set[str]:
-    """State-dict keys of the student that a rebuild cannot recover: quantizer buffers."""
+    """State-dict keys of the student that a rebuild cannot recover: quantizer buffers and
+    CLIP-LoRA's factors."""
     if model.student is model.teacher:
         return set()
     keys = set()
     for name, sub in model.student.named_modules():
         if isinstance(sub, QUANTIZER_TYPES):
             keys.update(f"{PREFIX}student.{name}.{b}" for b, _ in sub.named_buffers(recurse=False))
+    # CLIP-LoRA's factors live inside the student and are trained, so a rebuild cannot recover them
+    keys.update(
+        f"{PREFIX}student.{name}"
+        for name, _ in model.student.named_parameters()
+        if name.endswith((".lora_A", ".lora_B"))
+    )
     return keys
 
 

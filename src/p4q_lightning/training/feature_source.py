@@ -96,6 +96,8 @@ class TrainFeatureSource:
         dm = trainer.datamodule
         serve = getattr(dm, "serve_features", None)
         views = int(features.views)
+        if classifier.traits.image_tower_trains:
+            views = 0  # the student's image features change with training (CLIP-LoRA)
         if views == 0:
             if callable(serve):
                 serve(None)  # nothing left over from an earlier fit of another module
@@ -112,7 +114,9 @@ class TrainFeatureSource:
                     "plain dataloaders" if dm is None else type(dm).__name__,
                 )
             return None
-        used = effective_views(views, trainer.max_epochs)
+        # Tip-Adapter averages every view into its cache keys, whatever the epochs
+        capped = classifier.traits.trains and not classifier.traits.tip_cache
+        used = effective_views(views, trainer.max_epochs) if capped else views
         if used != views and trainer.is_global_zero:
             log.info(
                 "features.views=%d, but the fit runs max_epochs=%d and draws one view per epoch: "

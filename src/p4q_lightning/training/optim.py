@@ -17,6 +17,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from p4q_lightning.model.lora import lora_parameters
+
 if TYPE_CHECKING:
     from p4q_lightning.args import OptimArgs
     from p4q_lightning.model.classifier import P4QClassifier
@@ -106,7 +108,8 @@ class WarmupCosine:
 
 
 def param_groups(model: P4QClassifier, hp: OptimArgs) -> list[dict[str, Any]]:
-    """One group per trainable part of ``model``, named ``prompt`` and ``adapter``."""
+    """One group per trainable part of ``model``, named ``prompt``, ``adapter``, ``cache``
+    (Tip-Adapter-F's keys) and ``lora`` (CLIP-LoRA's factors)."""
     groups: list[dict[str, Any]] = []
     if model.prompt_learner is not None:
         groups.append(
@@ -128,6 +131,28 @@ def param_groups(model: P4QClassifier, hp: OptimArgs) -> list[dict[str, Any]]:
                 lr=hp.adapter_lr,
                 eps=hp.adapter_eps,
                 weight_decay=hp.adapter_weight_decay,
+            )
+        )
+    if model.tip_cache is not None and model.tip_cache.trainable:
+        groups.append(
+            dict(
+                name="cache",
+                algorithm="adamw",
+                params=[model.tip_cache.keys],
+                lr=hp.cache_lr,
+                eps=hp.cache_eps,
+                weight_decay=hp.cache_weight_decay,
+            )
+        )
+    lora = lora_parameters(model.student) if model.traits.lora else []
+    if lora:
+        groups.append(
+            dict(
+                name="lora",
+                algorithm="adamw",
+                params=lora,
+                lr=hp.lora_lr,
+                weight_decay=hp.lora_weight_decay,
             )
         )
     return groups
