@@ -134,7 +134,7 @@ class CalibrationCallback(Callback):
         """The float teacher's template class embeddings from the frozen-work store (computed
         and stored once per model, classes and templates)."""
         store = getattr(getattr(pl_module, "features_args", None), "cache_dir", None)
-        if model.teacher_text == "prompt" or model._teacher_text is not None:
+        if model.teacher_text == "prompt" or model.has_teacher_template_text:
             return
         key = frozen_store.teacher_text_key(model) if store is not None else ""
         features, _ = frozen_store.load_or_compute(
@@ -145,7 +145,7 @@ class CalibrationCallback(Callback):
             lambda payload: payload,
             kind="teacher_text",
         )
-        model._teacher_text = features.to(model.device)
+        model.use_teacher_template_text(features)
 
     @staticmethod
     def _calibration_images(trainer: Trainer) -> Any:

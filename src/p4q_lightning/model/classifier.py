@@ -386,6 +386,16 @@ class P4QClassifier(nn.Module):
             self._teacher_text = self.template_text_features(self.teacher)
         return self._teacher_text
 
+    @property
+    def has_teacher_template_text(self) -> bool:
+        """Whether the teacher's template class embeddings are encoded (or were installed)."""
+        return self._teacher_text is not None
+
+    def use_teacher_template_text(self, features: torch.Tensor) -> None:
+        """Install the teacher's template class embeddings computed elsewhere (the frozen-work
+        store's copy), so they are not encoded again."""
+        self._teacher_text = features.to(self.device)
+
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Student logits [B, n_cls] (quantized image tower → adapter → cosine × scale)."""
         text = self._eval_text if self._eval_text is not None else self.student_text_features()

@@ -46,13 +46,16 @@ class LoRAInProj(nn.Module):
         if not self.enabled:
             return out
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        low = torch.einsum("...e,pre->...pr", h.to(self.lora_A.dtype), self.lora_A)
-        delta = torch.einsum("...pr,per->...pe", low, self.lora_B) * self.scale
-        return out + delta.flatten(-2).to(out.dtype)
+        h = h.to(self.lora_A.dtype)
+        # q, k, v each: a rank-r projection down (A) and back up (B), concatenated as in_proj's
+        delta = torch.cat(
+            [F.linear(F.linear(h, self.lora_A[p]), self.lora_B[p]) for p in range(3)], dim=-1
+        )
+        return out + (delta * self.scale).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The packed ``[3E, E]`` weight update ``scale * B A`` (for merging)."""
-        return (torch.einsum("per,pri->pei", self.lora_B, self.lora_A) * self.scale).flatten(0, 1)
+        return ((self.lora_B @ self.lora_A) * self.scale).flatten(0, 1)
 
 
 def install_lora(
