@@ -100,14 +100,17 @@ def test_index_outside_the_grid_is_refused(capsys) -> None:
     assert "--index 4 is outside the grid" in capsys.readouterr().err
 
 
-def test_agent_argument_form_reaches_lightningcli_unchanged(monkeypatch) -> None:
+def test_agent_argument_form_reaches_lightningcli_unchanged(monkeypatch, tmp_path) -> None:
     """The W&B agent runs the spec's command with ``--key=value``: LightningCLI parses it to the
     same values (and the same run directory) as the space-separated form."""
     spec = sweeps.load_spec(DEMO)
     agent = sweeps.command(spec, spec.point(1), local=False)
     args = sweeps.run_arguments(agent)
     assert "--model.quant=w4a4" in args and "--seed=1" in args
-    monkeypatch.chdir(ROOT)  # the spec's config path is relative to the repository
+    # the spec's config path is relative to the repository; run directories to the working
+    # directory, which must not hold a finished run of this sweep (a checkout where it ran)
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    monkeypatch.chdir(tmp_path)
     found = run_command.resolve(args)
     assert found.config["model"]["quant"] == "w4a4"
     assert found.config["seed_everything"] == 1  # --seed: the training seed and the split's
