@@ -57,8 +57,8 @@ def _reset_peak() -> None:
 
 def one(n: int, chunked: bool, args: argparse.Namespace) -> dict:
     """One configuration, in this process."""
-    from bench_prompt_step import MINMAX, RandomImages, StepTimer, classnames
-    from lightning.pytorch import Callback, Trainer
+    from bench_prompt_step import MINMAX, RandomImages, StepTimer, classnames, step_trainer
+    from lightning.pytorch import Callback
 
     from p4q_lightning.args import FeatureArgs, PromptArgs
     from p4q_lightning.model.text_encoder import length_pieces
@@ -98,18 +98,9 @@ def one(n: int, chunked: bool, args: argparse.Namespace) -> dict:
 
     timer, at_start = StepTimer(), AtStart()
     before_fit = _rss_mb()
-    Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer, at_start],
-    ).fit(module, datamodule=RandomImages(names, images, args.batch))
+    step_trainer(args.warmup + args.steps, [timer, at_start]).fit(
+        module, datamodule=RandomImages(names, images, args.batch)
+    )
     # getrusage's peak restarted with VmHWM at the first step: the process's is the larger
     peak = max(at_start.peak_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     steps = timer.times[args.warmup :]
@@ -152,8 +143,10 @@ def weight_accounting(model_name: str) -> str:
     import open_clip
     from open_clip.model import CLIP
 
+    from p4q_lightning.model.tiny import register_tiny_clip
     from p4q_lightning.training.residency import MIN_NUMEL
 
+    register_tiny_clip()  # the packaged p4q-tiny, for smoke runs of this script
     with torch.device("meta"):
         m = CLIP(**open_clip.get_model_config(model_name))
 

@@ -106,6 +106,26 @@ class RandomImages(FeatureServing, LightningDataModule):
         )
 
 
+def step_trainer(
+    max_steps: int, callbacks: list[Callback], accelerator: str = "cpu", precision: str = "32-true"
+) -> Trainer:
+    """A quiet one-device Trainer that only trains (no logger, checkpoints, validation or
+    progress bar): what every step benchmark times."""
+    return Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+
+
 class StepTimer(Callback):
     """Wall time of each training batch: forward, backward and optimiser step."""
 
@@ -176,18 +196,7 @@ def build_p4q(args, names: list[str], size: int) -> P4QModule:  # type: ignore[n
 def fit_steps(module: P4QModule, names: list[str], args, size: int) -> list[float]:  # type: ignore[no-untyped-def]
     images = torch.randn(2 * args.batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     timer = StepTimer()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.reps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
+    trainer = step_trainer(args.warmup + args.reps, [timer])
     trainer.fit(module, datamodule=RandomImages(names, images, args.batch))
     return timer.times[args.warmup :]
 

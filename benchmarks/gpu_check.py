@@ -129,8 +129,7 @@ def _image_size(model: torch.nn.Module) -> int:
 
 def _step(cfg: dict[str, Any], device: torch.device, n: int, precision: str, chunked: bool):
     """Median step time (s) and peak memory (MB) of P4Q w4a4 in ``Trainer.fit`` (cache on)."""
-    from bench_prompt_step import MINMAX, RandomImages, StepTimer
-    from lightning.pytorch import Trainer
+    from bench_prompt_step import MINMAX, RandomImages, StepTimer, step_trainer
 
     from p4q_lightning.args import FeatureArgs, PromptArgs
     from p4q_lightning.module import P4QModule
@@ -174,19 +173,7 @@ def _step(cfg: dict[str, Any], device: torch.device, n: int, precision: str, chu
             super().on_train_batch_end(*args)
 
     timer = SyncedTimer()
-    trainer = Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=precision,
-        max_steps=cfg["warmup"] + cfg["steps"],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
+    trainer = step_trainer(cfg["warmup"] + cfg["steps"], [timer], device.type, precision)
     _reset_peak(device)
     trainer.fit(module, datamodule=RandomImages(_names(n), images, cfg["batch"]))
     times = timer.times[cfg["warmup"] :]

@@ -87,3 +87,26 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path) -> None:
     tests = report["gpu_tests"]
     assert "tests/test_gpu.py" in tests["files"] and tests["passed"], tests
     assert "skipped" in tests["summary"]  # no CUDA here: every gpu test skips, none fails
+
+
+def _run_benchmark(script: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, str(BENCHMARKS / script), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_class_scaling_benchmark_runs() -> None:
+    """``bench_class_scaling.py`` (the README's scaling table) on p4q-tiny: a row per class
+    count, each step measured, and the weight accounting."""
+    out = _run_benchmark(
+        "bench_class_scaling.py",
+        *("--model", "p4q-tiny", "--classes", "4", "8", "--chunked"),
+        *("--steps", "1", "--warmup", "1"),
+    )
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 4 ", "| 8 "))]
+    assert len(rows) == 2
+    assert all(float(row[2]) > 0 for row in rows)  # step seconds
+    assert "| p4q-tiny |" in out and "| ViT-L-14 |" in out
