@@ -320,3 +320,18 @@ def test_fit_then_test_from_the_command_line_on_the_demo_config(
         assert code == 1 and not out.exists()
         assert err.startswith(f"error: method='{method}' does not export to the low-bit file: ")
         assert len(err.strip().splitlines()) == 2  # the line and the P4Q_DEBUG hint
+
+
+def test_kgcoop_trains_from_the_feature_cache_with_its_anchor(world, dm, tmp_path):
+    """KgCoOp's anchor (the hand-written prompt through the student) is read on every step,
+    after the fit has released the token tables, and again after each validation."""
+    kg = module(world, "kgcoop", loss={"kg_weight": 8.0})
+    seed_everything(0)
+    trainer = tiny_world.trainer(tmp_path, max_epochs=2)
+    trainer.fit(kg, dm)
+    assert trainer.global_step > 0 and trainer.num_val_batches
+    kg_term = trainer.callback_metrics["train/kg"]
+    assert torch.isfinite(kg_term) and kg_term > 0
+    x, _ = images(dm)
+    with torch.no_grad():  # the released towers are back after the fit
+        assert torch.isfinite(kg.classifier.student_logits(x)).all()
