@@ -94,6 +94,15 @@ def test_evaluating_an_untrained_prompt_warns_loudly(world, tmp_path):
         assert cli.main(["test", "--config", str(cfg), "--ckpt_path", "last"]) is None
 
 
+@pytest.mark.parametrize(
+    ("method", "state"), [("clip_lora", "LoRA factors"), ("tip_adapter_f", "cache keys")]
+)
+def test_the_untrained_warning_names_what_the_method_fits(world, tmp_path, method, state):
+    cfg = config(world, tmp_path, model={"method": method})
+    with pytest.warns(UserWarning, match=f"UNTRAINED {state}: .* not {method} results"):
+        assert cli.main(["test", "--config", str(cfg)]) is None
+
+
 def write_flat_folder(root: Path, per_class: int, corrupt: bool = False) -> Path:
     rng = random.Random(0)
     for name, (color, shape) in list(tiny_world.CLASSES.items())[:2]:

@@ -48,6 +48,17 @@ class MethodTraits:
         return self.trains or self.tip_cache
 
     @property
+    def fitted_state(self) -> str:
+        """What ``fit`` produces, named in messages (e.g. the warning about evaluating without it)."""
+        if self.trains_prompts:
+            return "prompt and adapter" if self.uses_adapter else "prompt"
+        if self.tip_cache:
+            return "cache keys" if self.trains_cache else "cache"
+        if self.lora:
+            return "LoRA factors"
+        return "nothing"
+
+    @property
     def image_tower_trains(self) -> bool:
         """Whether the student's image features change during training (no feature cache)."""
         return self.lora

@@ -508,12 +508,11 @@ class P4QModule(LightningModule):
         if trainer.sanity_checking:
             return
         if self.traits.fits and not self._trained and trainer.state.fn != "fit":
-            adapter = " and adapter" if self.classifier.adapter is not None else ""
             message = (
-                f"evaluating method={self.method!r} with an UNTRAINED prompt{adapter}: no "
-                "checkpoint was "
-                "loaded and no fit ran in this process, so these numbers are not P4Q/CoOp "
-                "results. Pass --ckpt_path (e.g. the run's checkpoints/last.ckpt) or run fit first"
+                f"evaluating method={self.method!r} with an UNTRAINED "
+                f"{self.traits.fitted_state}: no checkpoint was loaded and no fit ran in this "
+                f"process, so these numbers are not {self.method} results. Pass --ckpt_path "
+                "(e.g. the run's checkpoints/last.ckpt) or run fit first"
             )
             warnings.warn(message, UserWarning, stacklevel=2)
             log.warning(message)
