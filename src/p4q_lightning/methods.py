@@ -49,7 +49,7 @@ class MethodTraits:
 
     @property
     def fitted_state(self) -> str:
-        """What ``fit`` produces, named in messages (e.g. the warning about evaluating without it)."""
+        """What ``fit`` produces, named in messages (the warning about evaluating without it)."""
         if self.trains_prompts:
             return "prompt and adapter" if self.uses_adapter else "prompt"
         if self.tip_cache:
