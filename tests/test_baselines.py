@@ -131,6 +131,32 @@ def test_tip_adapter_f_trains_its_keys_only(world, dm, tmp_path):
         torch.testing.assert_close(v, plain.classifier.student.state_dict()[k])
 
 
+def test_tip_adapter_f_searches_for_its_final_keys_when_the_last_epoch_has_no_validation(
+    world, dm, tmp_path, monkeypatch
+):
+    import p4q_lightning.module as module_file
+
+    tuned = module(
+        world,
+        "tip_adapter_f",
+        tip={"search_beta_steps": 3, "search_alpha_steps": 2},
+        optim={"cache_lr": 0.01},
+    )
+    searched_with: list[torch.Tensor] = []
+    search = module_file.search_alpha_beta
+
+    def spy(*args, **kw):
+        searched_with.append(tuned.classifier.tip_cache.keys.detach().clone())
+        return search(*args, **kw)
+
+    monkeypatch.setattr(module_file, "search_alpha_beta", spy)
+    # validation after epoch 2 only: epoch 3 trains the keys further and validates nothing
+    fit(world, dm, tmp_path, tuned, max_epochs=3, check_val_every_n_epoch=2)
+    assert len(searched_with) == 2  # epoch 2's validation, then the end of the last epoch
+    assert not torch.equal(searched_with[0], searched_with[1])
+    assert torch.equal(searched_with[-1], tuned.classifier.tip_cache.keys.detach())
+
+
 def test_clip_lora_at_step_zero_is_the_ptq_student_and_only_lora_has_gradients(world, dm):
     lora = calibrated(world, dm, "clip_lora")
     ptq = calibrated(world, dm, "ptq")

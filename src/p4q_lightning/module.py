@@ -142,6 +142,7 @@ class P4QModule(LightningModule):
         self._train_source: TrainFeatureSource | None = None
         self._offload: FrozenOffload | None = None  # frozen towers out of memory during fit
         self._trained = False  # set by a fit or a loaded checkpoint / state dict
+        self._tip_searched_step: int | None = None  # global step of the last alpha/beta search
         # test sets after the run's own split (DG, cross-dataset, base-to-novel's new half):
         # what the datamodule's ``test_sets`` lists, their metrics and class embeddings
         self._extra_sets: list[Any] = []
@@ -410,6 +411,19 @@ class P4QModule(LightningModule):
         if self.traits.anchors_prompt:
             model.anchor_text_features()
 
+    def on_train_epoch_end(self) -> None:
+        trainer = self.trainer
+        if (
+            self.traits.trains_cache
+            and _is_last_epoch(trainer)
+            and self._tip_searched_step != trainer.global_step
+        ):
+            # Tip-Adapter-F whose last epoch ran no validation: search alpha and beta for the
+            # final keys here (before the epoch-end checkpoint), not keep the last
+            # validation's pair, found for older keys
+            self._restore_frozen(close=False)  # the search runs the student's image tower
+            self._search_tip_scalars()
+
     def on_train_end(self) -> None:
         self._restore_frozen()  # before on_fit_end's export and comparison read the towers
 
@@ -476,6 +490,7 @@ class P4QModule(LightningModule):
                 grid(args.search_alpha_max, args.search_alpha_steps),
             )
         cache.set_scalars(alpha, beta)
+        self._tip_searched_step = self.trainer.global_step
         log.info("Tip-Adapter search: alpha=%.3f beta=%.3f (val top-1 %.4f)", alpha, beta, acc)
         for logger in self.loggers:
             logger.log_metrics({"tip/alpha": alpha, "tip/beta": beta, "tip/val_top1": acc})
@@ -640,3 +655,11 @@ def _is_empty(batch: Any) -> bool:
     """A batch whose every image was skipped as corrupt (``collate_skip_none``)."""
     labels = batch["label"] if isinstance(batch, dict) else batch[1]
     return labels.shape[0] == 0
+
+
+def _is_last_epoch(trainer: Any) -> bool:
+    """Whether the fit ends after the epoch now ending (its epoch or step budget is spent)."""
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    return 0 < trainer.max_steps <= trainer.global_step or bool(trainer.should_stop)
