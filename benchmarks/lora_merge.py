@@ -1,6 +1,7 @@
 """CLIP-LoRA's deployment forms on the demo world: float side branch vs merged and re-quantized.
 
     python benchmarks/lora_merge.py [--quants w8a8 w4a4] [--seed 0]
+        [--config experiments/demo_baselines.yaml]
 
 For each preset, fits CLIP-LoRA with ``experiments/demo_baselines.yaml`` (no logger, no
 comparison), then scores the test split three ways: the PTQ student before training, the
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--quants", nargs="*", default=["w8a8", "w4a4"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "lora_merge")
+    p.add_argument("--config", type=Path, default=CONFIG, help="the CLIP-LoRA fit's config")
     args = p.parse_args()
     print("| preset | PTQ (before) | LoRA side branch | merged + re-quantized "
           "| size side branch (MB) | size merged (MB) |")  # fmt: skip
@@ -66,7 +68,7 @@ def main() -> None:
     for quant in args.quants:
         run = cli.cli_main(
             [
-                "--config", str(CONFIG), "--model.method=clip_lora", f"--model.quant={quant}",
+                "--config", str(args.config), "--model.method=clip_lora", f"--model.quant={quant}",
                 f"--seed_everything={args.seed}", "--trainer.logger=false",
                 "--trainer.enable_progress_bar=false",
                 f"--trainer.default_root_dir={args.root / quant}",

@@ -1,0 +1,58 @@
+"""The scripts behind the README's baseline cost and CLIP-LoRA deployment figures still run:
+``benchmarks/baseline_costs.py`` and ``benchmarks/lora_merge.py`` on the demo baselines config
+with the tiny model and data swapped in (slow marker)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_baselines import demo_config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline")
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True, text=True, env=env, cwd=cwd, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_baseline_costs_times_every_method_against_p4q(world, tmp_path) -> None:
+    config = demo_config(world, tmp_path, "p4q")
+    out = run_script(
+        "baseline_costs.py", "--config", str(config), "--root", str(tmp_path / "costs"),
+        "--rounds", "1", "--classes", "3", "--batch", "2", "--steps", "1", cwd=tmp_path,
+    )  # fmt: skip
+    ratios = dict(re.findall(r"^\| (\w+) \| [\d.]+ \| ([\d.]+)x \|$", out, re.MULTILINE))
+    assert set(ratios) == {"p4q", "kgcoop", "tip_adapter", "tip_adapter_f", "clip_lora"}, out
+    assert float(ratios["p4q"]) == 1.0
+    step_ratio = re.search(r"^\| CLIP-LoRA / P4Q \| ([\d.]+)x \|$", out, re.MULTILINE)
+    assert step_ratio is not None and float(step_ratio.group(1)) > 0, out
+
+
+@pytest.mark.slow
+def test_lora_merge_scores_the_side_branch_and_the_merged_requantized_model(
+    world, tmp_path
+) -> None:
+    config = demo_config(world, tmp_path, "clip_lora")
+    out = run_script(
+        "lora_merge.py", "--config", str(config), "--quants", "w4a4",
+        "--root", str(tmp_path / "merge"), cwd=tmp_path,
+    )  # fmt: skip
+    row = re.search(r"^\| w4a4 \| (.+) \|$", out, re.MULTILINE)
+    assert row is not None, out
+    before, side, merged, side_mb, merged_mb = (float(v) for v in row.group(1).split(" | "))
+    assert all(0.0 <= acc <= 100.0 for acc in (before, side, merged))
+    # the side branch is the PTQ student plus float factors; the merged model a plain student
+    assert side_mb > merged_mb > 0
