@@ -79,6 +79,7 @@ def main() -> None:
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ComparisonCallback)]
         trainer.fit(module, dm)
         trained = module.classifier
+        dm.setup("test")  # fit set up the training and validation splits only
         test = dm.test_dataloader()
         test = test[0] if isinstance(test, list) else test
         with lora_disabled(trained.student):
