@@ -16,6 +16,7 @@ rest.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -177,7 +178,13 @@ def encode_prompts(
         if use_ckpt:
             outputs.append(
                 checkpoint(
-                    encode, chunk, eot, *extra, use_reentrant=False, context_fn=_keep_narrow_matmuls
+                    encode,
+                    chunk,
+                    eot,
+                    *extra,
+                    use_reentrant=False,
+                    context_fn=_keep_narrow_matmuls,
+                    **_SAC_HOOKS,
                 )
             )
         else:
@@ -189,6 +196,14 @@ def encode_prompts(
 
 
 _MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+#: The matmul outputs selective checkpointing keeps bypass saved-tensor hooks (such as the
+#: held-codes layers' one around each matmul, which has nothing to do with them); newer torch
+#: warns unless told so explicitly.
+_SAC_HOOKS = (
+    {"respect_saved_tensors_hooks": False}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
 
 
 def _narrow_matmul_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
