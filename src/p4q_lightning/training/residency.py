@@ -53,7 +53,9 @@ class FrozenOffload:
         as_codes: bool = True,
     ) -> None:
         keep = list(keep)
-        kept = {id(p) for m in keep for p in (m.parameters() if isinstance(m, nn.Module) else [m])}
+        params = (p for m in keep for p in (m.parameters() if isinstance(m, nn.Module) else [m]))
+        self._kept = list({id(p): p for p in params}.values())
+        kept = {id(p) for p in self._kept}
         modules = [m for m in keep if isinstance(m, nn.Module)]
         #: the kept layers that may be held as codes (``as_codes``), each once
         self.layers = (
@@ -101,6 +103,10 @@ class FrozenOffload:
     def held_nbytes(self) -> int:
         """Bytes of the codes and scales the kept layers are held as now (0 when restored)."""
         return sum(q.held.nbytes for q in self.layers if q.held is not None)
+
+    def kept_nbytes(self) -> int:
+        """Bytes the kept modules' parameters occupy now, held codes and scales included."""
+        return sum(p.numel() * p.element_size() for p in self._kept) + self.held_nbytes()
 
     def restore(self) -> None:
         """Read the parameters back (bitwise the ones released)."""
