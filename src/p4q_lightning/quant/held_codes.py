@@ -12,6 +12,8 @@ that float weight for the backward pass (the input's gradient needs it) of every
 so :meth:`HeldCodes.weight` packs the tensors autograd saves from it as the codes again
 (:func:`torch.autograd.graph.saved_tensors_hooks`) and dequantizes them when the backward pass
 unpacks them: the backward formulas stay torch's own, and no float copy outlives its layer.
+(Under ``bf16-mixed`` autocast the matmul casts the weight to bfloat16 first and autograd
+keeps that cast, as it does without codes: only float32 weights are packed.)
 """
 
 from __future__ import annotations
