@@ -12,7 +12,9 @@ thread. Each strategy runs the same pieces (``length_pieces``) after the same sh
 - ``chunk, selective``: each chunk checkpointed whole, keeping the outputs of its non-widening
   matmuls (the policy ``checkpointing`` used before, ``text_encoder._narrow_matmul_policy``);
 - ``chunk, all matmuls``: the same, keeping every matmul's output;
-- ``chunk, whole``: each chunk checkpointed whole with no policy (recomputes everything).
+- ``chunk, whole``: each chunk checkpointed whole with no policy (recomputes everything);
+- ``..., int8 codes``: unchunked and per-block MLP with the text tower's quantized weights held
+  as int8 codes (``QuantLinear.hold_as_codes``, as a fit from the feature cache holds them).
 
 Prints thread CPU time (steadier than wall time on a shared machine; the run is single
 threaded) of the forward and the backward, fastest of ``--reps``, and the ratio to
@@ -44,6 +46,7 @@ from p4q_lightning.model import text_encoder as te  # noqa: E402
 from p4q_lightning.model.prompt_learner import PromptLearner  # noqa: E402
 from p4q_lightning.model.text_encoder import TextTower, length_pieces  # noqa: E402
 from p4q_lightning.model.tiny import register_tiny_clip  # noqa: E402
+from p4q_lightning.quant import QuantLinear  # noqa: E402
 
 
 def _all_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:  # type: ignore[no-untyped-def]
@@ -62,6 +65,8 @@ STRATEGIES = {
     ),
     "chunk, all matmuls": (True, lambda: create_selective_checkpoint_contexts(_all_matmuls)),
     "chunk, whole": (True, "whole"),
+    "unchunked, int8 codes": (False, None),
+    "per-block MLP, int8 codes": (True, "mlp"),
 }
 
 
@@ -110,9 +115,15 @@ def main() -> None:
     tower = TextTower(student)
     pl = PromptLearner(names, tok, tower.width, n_ctx=16)
     pl.set_token_embedding(tower.token_embedding)
+    layers = [m for m in student.transformer.modules() if isinstance(m, QuantLinear)]
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in STRATEGIES}
     for _ in range(args.reps + 1):  # interleaved; the first round warms up
         for name, (chunked, how) in STRATEGIES.items():
+            for layer in layers:
+                if name.endswith("int8 codes"):
+                    layer.hold_as_codes()
+                else:
+                    layer.restore_float()
             pl.ctx.grad = None
             start = time.thread_time()
             feats = text_pass(tower, pl, args.chunk if chunked else None, how)

@@ -128,5 +128,7 @@ def test_text_checkpointing_benchmark_runs() -> None:
         "chunk, selective",
         "chunk, all matmuls",
         "chunk, whole",
+        "unchunked, int8 codes",
+        "per-block MLP, int8 codes",
     ]
     assert rows[0][5].strip() == "1.00x" and all(float(row[4]) > 0 for row in rows)
