@@ -12,12 +12,12 @@ Per configuration it prints the median step, the step per class and the step rel
 first class count's (linear would be the class ratio), where the text pass's time goes (its
 forward and backward, timed after the fit on the same prompts, and the pieces it cuts: padded
 prompt positions against the classes' own and against padding every class to the longest),
-the frozen weights the fit released and the RSS at the first step. Peak RSS is given for the
-training steps alone (from the first step, the frozen towers released, to the end of training,
-before they are read back), for everything before them (build, calibration, feature cache)
-and for the whole process (``getrusage``, which includes reading the towers back after the
-fit). CPU timings vary with load: compare
-ratios within one run.
+the frozen weights the fit released, what the kept text tower occupies at the first step (its
+quantized weights held as int8 codes and scales) and the RSS at the first step. Peak RSS is
+given for the training steps alone (from the first step, the frozen towers released, to the end
+of training, before they are read back), for everything before them (build, calibration,
+feature cache) and for the whole process (``getrusage``, which includes reading the towers back
+after the fit). CPU timings vary with load: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def one(n: int, chunked: bool, args: argparse.Namespace) -> dict:
                 self.rss = _rss_mb()  # after the cache is filled and the towers released
                 off = pl_module._offload
                 self.released = off.nbytes / 2**20 if off is not None and off.released else 0.0
+                # what the step's text tower occupies as held (int8 codes + scales, float rest)
+                self.kept = off.kept_nbytes() / 2**20 if off is not None else float("nan")
                 self.peak_before = _status_mb("VmHWM")  # build, calibration, feature cache
                 _reset_peak()
 
@@ -131,6 +133,7 @@ def one(n: int, chunked: bool, args: argparse.Namespace) -> dict:
         "rss_first_step_mb": at_start.rss,
         "peak_rss_mb": peak,
         "released_mb": at_start.released,
+        "kept_mb": at_start.kept,
         "peak_before_steps_mb": at_start.peak_before,
         "peak_steps_mb": at_start.peak_steps,
     }
@@ -139,7 +142,9 @@ def one(n: int, chunked: bool, args: argparse.Namespace) -> dict:
 def weight_accounting(model_name: str) -> str:
     """What a fit from the cache keeps and releases, counted from the architecture (built on
     the meta device: no memory, no weights): the step's text tower without its token table
-    against the teacher, the student's image tower and token table (float32, as held)."""
+    against the teacher, the student's image tower and token table (float32), and the text
+    tower as the fit holds it (its linear weights as int8 codes plus a float32 scale per
+    output channel, the rest float32)."""
     import open_clip
     from open_clip.model import CLIP
 
@@ -154,12 +159,14 @@ def weight_accounting(model_name: str) -> str:
         return sum(p.numel() for p in params if p.numel() >= MIN_NUMEL)
 
     kept = big([*m.transformer.parameters(), m.positional_embedding, m.text_projection])
+    linear = [p for p in m.transformer.parameters() if p.dim() == 2]  # the quantized weights
+    as_codes = sum(p.numel() + 4 * p.shape[0] for p in linear) + 4 * (kept - big(linear))
     released = big(m.parameters()) + big(m.visual.parameters()) + m.token_embedding.weight.numel()
     both = 2 * sum(p.numel() for p in m.parameters())
     gib = 4 / 2**30
     return (
         f"| {model_name} | {both * gib:.2f} | {kept * gib:.2f} | {released * gib:.2f} | "
-        f"{kept / 2**30:.2f} |"
+        f"{as_codes / 2**30:.3f} |"
     )
 
 
@@ -217,10 +224,10 @@ def main() -> None:
     print(
         "| classes | step (s) | per class (ms) | step / first | classes / first | "
         "text fwd / bwd (s) | pieces | padded / own positions (sorted; unsorted) | "
-        "released (GB) | RSS at first step (GB) | peak RSS, steps (GB) | "
+        "released (GB) | text tower as held (MB) | RSS at first step (GB) | peak RSS, steps (GB) | "
         "peak RSS before the steps (GB) | peak RSS, whole process (GB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         label = f"{r['classes']:,}" + (", chunk 250 + ckpt" if r["chunked"] else "")
         print(
@@ -228,13 +235,14 @@ def main() -> None:
             f"{r['step_s'] / base['step_s']:.2f}x | {r['classes'] / base['classes']:.0f}x | "
             f"{r['text_fwd_s']:.2f} / {r['text_bwd_s']:.2f} | {r['pieces']} | "
             f"{r['padded_positions']:,} / {r['own_positions']:,} ({r['unsorted_positions']:,}) "
-            f"| {r['released_mb'] / 1024:.2f} | {r['rss_first_step_mb'] / 1024:.2f} | "
+            f"| {r['released_mb'] / 1024:.2f} | {r['kept_mb']:.1f} | "
+            f"{r['rss_first_step_mb'] / 1024:.2f} | "
             f"{r['peak_steps_mb'] / 1024:.2f} | {r['peak_before_steps_mb'] / 1024:.2f} | "
             f"{r['peak_rss_mb'] / 1024:.2f} |"
         )
     print(
         "\n| frozen weights, float32 | teacher + student (GiB) | kept for the cached step "
-        "(GiB) | released during the fit (GiB) | kept, as int8 codes (GiB) |"
+        "(GiB) | released during the fit (GiB) | kept, as held: int8 codes + scales (GiB) |"
     )
     print("|---|---:|---:|---:|---:|")
     for name in dict.fromkeys([args.model, "ViT-L-14"]):

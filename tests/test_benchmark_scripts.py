@@ -110,3 +110,25 @@ def test_class_scaling_benchmark_runs() -> None:
     assert len(rows) == 2
     assert all(float(row[2]) > 0 for row in rows)  # step seconds
     assert "| p4q-tiny |" in out and "| ViT-L-14 |" in out
+
+
+@pytest.mark.slow
+def test_text_checkpointing_benchmark_runs() -> None:
+    """``bench_text_checkpointing.py`` (the README's checkpointing comparison) on p4q-tiny: a
+    row per strategy, unchunked first."""
+    out = _run_benchmark(
+        "bench_text_checkpointing.py",
+        *("--model", "p4q-tiny", "--classes", "6", "--chunk", "2", "--reps", "1"),
+    )
+    rows = [line.split("|") for line in out.splitlines()[2:] if line.startswith("| ")]
+    assert [row[1].strip() for row in rows] == [
+        "unchunked",
+        "chunked",
+        "per-block MLP",
+        "chunk, selective",
+        "chunk, all matmuls",
+        "chunk, whole",
+        "unchunked, int8 codes",
+        "per-block MLP, int8 codes",
+    ]
+    assert rows[0][5].strip() == "1.00x" and all(float(row[4]) > 0 for row in rows)

@@ -25,7 +25,8 @@ class PromptArgs:
         class_token_position: where the class name sits in the prompt: end, middle or front.
         init_std: std of the random context initialisation (when ctx_init is None).
         chunk_size: classes per text-tower chunk (None: all at once).
-        checkpointing: recompute text-tower chunks in the backward pass (saves memory).
+        checkpointing: recompute text-tower activations in the backward pass (saves memory;
+            with a shared prefix each block's MLP widening half, else whole chunks).
     """
 
     n_ctx: int = 16

@@ -24,7 +24,7 @@ import tiny_world
 from p4q_lightning import calibrate, quantize
 from p4q_lightning.model import shared_prefix as sp
 from p4q_lightning.model.prompt_learner import PromptLearner
-from p4q_lightning.model.text_encoder import TextTower, encode_prompts
+from p4q_lightning.model.text_encoder import TextTower, encode_prompts, length_pieces
 from p4q_lightning.module import P4QModule
 
 NAMES = ["red circle", "blue square", "green triangle", "cat", "a very long class name"]
@@ -117,6 +117,29 @@ def test_shared_prefix_equals_full_path(towers, tokenizer, spy, which, chunk, ck
     shared = _features_and_grad(model, pl, pl.shared_prefix_length, chunk, ckpt)
     assert spy["prefix"] == 1
     _assert_same(shared, full)
+
+
+@pytest.mark.parametrize("which", ["float", "w4a4"])
+def test_checkpointing_recomputes_each_blocks_mlp_widening_only(towers, tokenizer, which):
+    """With a shared prefix, checkpointing recomputes in the backward pass exactly the MLP's
+    ``c_fc`` matmuls of the per-class positions (and the elementwise work around them), and
+    the features and context gradients are bitwise those without it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = towers[which]
+    pl = _learner(model, tokenizer)
+    shared = pl.shared_prefix_length
+    runs = {}
+    for ckpt in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            got = _features_and_grad(model, pl, shared, chunk=2, ckpt=ckpt)
+        runs[ckpt] = counter.get_total_flops(), got
+    positions = sum(n * length for n, length in length_pieces(pl.eot_index - shared, 2))
+    width, layers = 64, 3
+    c_fc = 2 * positions * width * 4 * width * layers
+    assert runs[True][0] - runs[False][0] == c_fc
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @pytest.mark.parametrize("which", ["float", "w4a4"])

@@ -121,10 +121,10 @@ def test_pieces_by_length_equal_one_class_at_a_time(
     name = "encode_rest" if shared else "encode_embeddings"
     original = getattr(TextTower, name)
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         x = args[1] if shared else args[0]
         lengths.append((x.shape[0], x.shape[1]))
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TextTower, name, spy)
     feats = encode_prompts(

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from p4q_lightning.quant.attention import PrefixKV, attend
 from p4q_lightning.quant.modules import attention_layer, runs_on_the_core
@@ -62,13 +63,32 @@ def _block(
     mask: torch.Tensor,
     prefix: PrefixKV | None,
     attention_only: bool = False,
+    recompute_mlp: bool = False,
 ) -> tuple[torch.Tensor | None, PrefixKV]:
-    """One open_clip ``ResidualAttentionBlock`` on batch-first ``x`` (plus a shared prefix)."""
+    """One open_clip ``ResidualAttentionBlock`` on batch-first ``x`` (plus a shared prefix);
+    ``recompute_mlp``: see :func:`encode_rest`."""
     out, kv = attend(attention_layer(block.attn), block.ln_1(x), mask, prefix, compact=True)
     if attention_only:
         return None, kv
     x = x + block.ls_1(out)
-    return x + block.ls_2(block.mlp(block.ln_2(x))), kv
+    if not recompute_mlp:
+        return x + block.ls_2(block.mlp(block.ln_2(x))), kv
+    widen, project = _mlp_halves(block)
+    hidden = checkpoint(_widen, block.ln_2, widen, x, use_reentrant=False)
+    return x + block.ls_2(project(hidden)), kv
+
+
+def _mlp_halves(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the MLP up to its output projection, the output projection): ``c_fc`` with the GELU,
+    and ``c_proj``, for open_clip's ``nn.Sequential`` MLP; otherwise (the whole MLP, identity)."""
+    mlp = block.mlp
+    if isinstance(mlp, nn.Sequential) and len(mlp) >= 2:
+        return mlp[:-1], mlp[-1]
+    return mlp, nn.Identity()
+
+
+def _widen(norm: nn.Module, widen: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return widen(norm(x))
 
 
 def encode_prefix(
@@ -90,15 +110,23 @@ def encode_prefix(
 
 
 def encode_rest(
-    blocks: Sequence[nn.Module], x: torch.Tensor, mask: torch.Tensor, kvs: Sequence[PrefixKV]
+    blocks: Sequence[nn.Module],
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    kvs: Sequence[PrefixKV],
+    recompute_mlp: bool = False,
 ) -> torch.Tensor:
     """Hidden states of the per-class positions ``[n, R, E]`` after every block.
 
     ``mask`` is the tower's causal mask; rows ``P .. P + R`` of it are what these positions see.
+    ``recompute_mlp`` (activation checkpointing) keeps, in each block, only the MLP's input
+    for the backward pass and recomputes its widening half there (LayerNorm, ``c_fc``, GELU):
+    their saved activations (the GELU's input is four times the width) are about half of what
+    a block keeps, for a third of its matmuls recomputed.
     """
     n_prefix, length = kvs[0][0].shape[-2], x.shape[1]
     rows = mask[n_prefix : n_prefix + length, : n_prefix + length]
     for block, kv in zip(blocks, kvs, strict=True):
-        x, _ = _block(block, x, rows, kv)
+        x, _ = _block(block, x, rows, kv, recompute_mlp=recompute_mlp)
         assert x is not None
     return x

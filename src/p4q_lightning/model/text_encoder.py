@@ -5,17 +5,23 @@ after EOT reaches the EOT output), pool at EOT, and process classes in pieces. P
 are cut from the classes sorted by prompt length and each piece is truncated to its own longest
 prompt, so a class list with a few long names (ImageNet's longest prompt is over three times its
 median) does not pad every class to the longest one: the cost stays linear in the number of
-classes. With ``checkpointing`` each chunk keeps only its input and the outputs of its
-non-widening matmuls (selective checkpointing) for the backward pass, which recomputes the
-rest, so a 1,000-class step fits in memory; only input gradients flow (the tower's weights are
-frozen).
+classes. Only input gradients flow (the tower's weights are frozen).
 Prompts that share their first positions (a unified CoOp context before the class name) run that
 prefix once (:mod:`~p4q_lightning.model.shared_prefix`); pieces and checkpointing apply to the
 rest.
+
+``checkpointing`` trades backward time for memory, so that a 1,000-class step fits. With a
+shared prefix (P4Q's unified context) each block keeps its MLP's input instead of the MLP's
+activations and recomputes the widening half (``c_fc`` and the GELU) in the backward pass:
+about half the memory of no checkpointing, for a third of the matmuls again and no per-op
+overhead. On the full path each chunk keeps only its input and the outputs of its
+non-widening matmuls (selective checkpointing of the whole chunk), which recomputes more and
+dispatches every op through Python, but keeps the least.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -111,15 +117,18 @@ class TextTower:
         x: torch.Tensor,
         eot_index: torch.Tensor,
         *kv_tensors: torch.Tensor,
+        recompute_mlp: bool = False,
     ) -> torch.Tensor:
         """Text features of the per-class positions ``x`` [n, R, width] after a shared prefix
         whose per-layer keys and values are ``kv_tensors`` (k0, v0, k1, v1, ...) with
         ``scales`` ((k scale, v scale) per layer); ``eot_index`` counts from the first
-        per-class position. Tensors are positional so that checkpointing sees them."""
+        per-class position. ``recompute_mlp``: checkpoint each block's MLP
+        (:func:`~p4q_lightning.model.shared_prefix.encode_rest`)."""
         n_prefix = kv_tensors[0].shape[-2]
         kvs = [(kv_tensors[2 * i], kv_tensors[2 * i + 1], *scales[i]) for i in range(len(scales))]
         x = self._with_positions(x, start=n_prefix)
-        x = sp.encode_rest(self.root.transformer.resblocks, x, self.root.attn_mask, kvs)
+        blocks = self.root.transformer.resblocks
+        x = sp.encode_rest(blocks, x, self.root.attn_mask, kvs, recompute_mlp)
         return self.pool(x, eot_index)
 
     def pool(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
@@ -143,8 +152,9 @@ def encode_prompts(
 ) -> torch.Tensor:
     """Encode prompt embeddings [n, L, width] (e.g. from a PromptLearner) to text features [n, D].
 
-    ``chunk_size`` classes run at a time (None: all at once); ``checkpointing`` recomputes each
-    chunk in the backward pass instead of storing its activations. ``shared_prefix`` (e.g.
+    ``chunk_size`` classes run at a time (None: all at once); ``checkpointing`` recomputes
+    activations in the backward pass instead of storing them (see the module docstring).
+    ``shared_prefix`` (e.g.
     ``PromptLearner.shared_prefix_length``) is how many leading positions every prompt shares:
     they run once when the tower allows it (same result), else the full path runs.
     """
@@ -158,7 +168,9 @@ def encode_prompts(
     if shared_prefix >= MIN_SHARED_PREFIX and tower.shared_prefix_supported():
         _check_shared_prefix(prompts, eot_index, shared_prefix)
         kvs = tower.encode_prefix(prompts[:1, :shared_prefix])
-        encode = partial(tower.encode_rest, [(s_k, s_v) for _, _, s_k, s_v in kvs])
+        scales = [(s_k, s_v) for _, _, s_k, s_v in kvs]
+        encode = partial(tower.encode_rest, scales, recompute_mlp=use_ckpt)
+        use_ckpt = False  # checkpointing is inside each block, not around the chunk
         extra = tuple(t for k, v, _, _ in kvs for t in (k, v))
         prompts, eot_index = prompts[:, shared_prefix:], eot_index - shared_prefix
     if tower.causal:
@@ -177,7 +189,13 @@ def encode_prompts(
         if use_ckpt:
             outputs.append(
                 checkpoint(
-                    encode, chunk, eot, *extra, use_reentrant=False, context_fn=_keep_narrow_matmuls
+                    encode,
+                    chunk,
+                    eot,
+                    *extra,
+                    use_reentrant=False,
+                    context_fn=_keep_narrow_matmuls,
+                    **_SAC_HOOKS,
                 )
             )
         else:
@@ -189,6 +207,14 @@ def encode_prompts(
 
 
 _MATMULS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
+#: The matmul outputs selective checkpointing keeps bypass saved-tensor hooks (such as the
+#: held-codes layers' one around each matmul, which has nothing to do with them); newer torch
+#: warns unless told so explicitly.
+_SAC_HOOKS = (
+    {"respect_saved_tensors_hooks": False}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
 
 
 def _narrow_matmul_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

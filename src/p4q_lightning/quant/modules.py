@@ -24,6 +24,7 @@ from p4q_lightning.quant.attention import (
     attend,
     float_attention_layer,
 )
+from p4q_lightning.quant.held_codes import HeldCodes, hold_codes
 from p4q_lightning.quant.quantizer import (
     ActivationQuantizer,
     CachedBufferState,
@@ -66,7 +67,9 @@ class QuantizedWeightMixin:
         if not wq.enabled or wq.dynamic or bool(self.weights_frozen):
             return
         wq.calibrate_from(self.weight)
-        self.weight.data.copy_(wq(self.weight.data))
+        # + 0.0 turns the -0.0 of negative values rounded to code 0 into the grid's 0, so the
+        # stored weight is exactly codes * scale, bit for bit (see held_codes)
+        self.weight.data.copy_(wq(self.weight.data).add_(0.0))
         self.weights_frozen.fill_(True)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -97,6 +100,8 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         self.input_quantizer = _act_quantizer(spec, in_features)
         self.weight_quantizer = _weight_quantizer(spec, out_features, dynamic=dynamic_weights)
         self.register_buffer("weights_frozen", torch.tensor(False))
+        #: the frozen weight as integer codes while :meth:`hold_as_codes` holds it that way
+        self.held: HeldCodes | None = None
         if init:
             self.reset_parameters()
 
@@ -140,7 +145,35 @@ class QuantLinear(QuantizedWeightMixin, CachedBufferState):
         passes over the activation.
         """
         codes, scale = self.input_quantizer.centered_codes(x, pre_scale)
-        return scaled_linear(codes, self.quantized_weight(), self.bias, scale)
+        if self.held is None:
+            return scaled_linear(codes, self.quantized_weight(), self.bias, scale)
+        with self.held.weight() as weight:
+            return scaled_linear(codes, weight, self.bias, scale)
+
+    def hold_as_codes(self) -> bool:
+        """Hold the frozen quantized weight as integer codes and scales and drop its float
+        storage (the parameter object stays, empty); False, and nothing changes, when the
+        weight is not frozen on a static grid, trains, or its codes do not reproduce it bit
+        for bit (:mod:`~p4q_lightning.quant.held_codes`)."""
+        wq = self.weight_quantizer
+        if self.held is not None:
+            return True
+        if not wq.enabled or wq.dynamic or self.weight.requires_grad:
+            return False
+        if not self.buffer_flag("weights_frozen"):
+            return False
+        held = hold_codes(self.weight.detach(), wq.scale)
+        if held is None:
+            return False
+        self.held = held
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        return True
+
+    def restore_float(self) -> None:
+        """Put the float weight back (bitwise the one held) and drop the codes."""
+        if self.held is not None:
+            self.weight.data = self.held.dequantize()
+            self.held = None
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group={self.group}"
