@@ -53,3 +53,32 @@ def test_another_quant_spec_is_another_entry(world, tmp_path) -> None:
     _calibrate(world, tmp_path, quant="w8a8")
     assert len(list(tmp_path.glob("calibration-*.pt"))) == 2
     assert len(list(tmp_path.glob("teacher-text-*.pt"))) == 1  # the teacher is the same
+
+
+def _lora_factors(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def test_clip_lora_keeps_its_own_factors_and_does_not_share_another_methods_entry(
+    world, tmp_path, monkeypatch, caplog
+) -> None:
+    """CLIP-LoRA's factors are drawn from the run seed: a run of another seed that finds the
+    calibration stored keeps its own factors (the store holds none), and KgCoOp's entry (the same
+    student without LoRA wrappers) is another entry, not a foreign one read and overwritten."""
+    caplog.set_level("WARNING", logger="p4q_lightning")
+    _calibrate(world, tmp_path, method="kgcoop")  # no adapter: only the layout differs
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    first = _calibrate(world, tmp_path, method="clip_lora")  # stores CLIP-LoRA's
+    assert len(list(tmp_path.glob("calibration-*.pt"))) == 2
+    assert not any("unreadable" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "2")
+    plain = _calibrate(world, None, method="clip_lora")
+    stored = _calibrate(world, tmp_path, method="clip_lora")  # loads seed 1's calibration
+    factors = _lora_factors(plain[0])
+    assert factors and factors.keys() == _lora_factors(stored[0]).keys()
+    for key, value in factors.items():  # seed 2's own factors, not seed 1's
+        assert torch.equal(stored[0][key], value), key
+    assert any(not torch.equal(first[0][k], v) for k, v in factors.items())
+    for key, value in plain[0].items():  # and everything else a fresh calibration's
+        assert torch.equal(stored[0][key], value), key
+    assert torch.equal(stored[1], plain[1])

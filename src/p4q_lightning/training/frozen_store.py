@@ -144,6 +144,8 @@ def calibration_key(
         "teacher": model.teacher_fingerprint(),
         "spec": model.quant_spec.to_dict(),
         "adapter": repr(adapter) if model.adapter is not None else None,
+        # the student's layout: CLIP-LoRA's wrappers rename the attention projections' tensors
+        "student_keys": list(model.student.state_dict()),
         "classes": list(model.classnames),
         "templates": list(model.templates),
         "max_texts": max_texts,
@@ -177,11 +179,21 @@ def _adapter_buffers(model: Any) -> list[torch.Tensor]:
     ]
 
 
+def _trained_student_keys(model: Any) -> set[str]:
+    """The student's parameters that train (CLIP-LoRA's factors): the run's own initialisation,
+    not calibration's work, so never stored or restored."""
+    return {name for name, p in model.student.named_parameters() if p.requires_grad}
+
+
 def calibrated_state(model: Any, stats: Any) -> dict[str, Any]:
-    """What calibration changed: the student's weights (on the grid) and buffers, the adapter's
-    quantizer buffers (its weights are the run's own initialisation), and the statistics."""
+    """What calibration changed: the student's frozen weights (on the grid) and buffers, the
+    adapter's quantizer buffers (the adapter's and LoRA's weights are the run's own
+    initialisation), and the statistics."""
+    trained = _trained_student_keys(model)
     return {
-        "student": {k: v.detach().cpu() for k, v in model.student.state_dict().items()},
+        "student": {
+            k: v.detach().cpu() for k, v in model.student.state_dict().items() if k not in trained
+        },
         "adapter": [b.detach().cpu() for b in _adapter_buffers(model)],
         "stats": stats,
     }
@@ -190,7 +202,13 @@ def calibrated_state(model: Any, stats: Any) -> dict[str, Any]:
 def restore_calibration(model: Any, payload: Mapping[str, Any]) -> Any:
     """Put a stored calibration onto ``model`` and finish as calibration does (the prompt
     learner takes the student's token embedding, cached text is dropped); returns the stats."""
-    model.student.load_state_dict(payload["student"])
+    own = model.student.state_dict()
+    trained = _trained_student_keys(model)
+    stored = dict(payload["student"])
+    if set(stored) != set(own) - trained:
+        raise ValueError("the stored student does not have this student's layout")
+    stored.update({k: own[k] for k in trained})  # this run's own initialisation stays
+    model.student.load_state_dict(stored)
     buffers = _adapter_buffers(model)
     if len(buffers) != len(payload["adapter"]):
         raise ValueError("the stored adapter ranges do not fit this adapter")
