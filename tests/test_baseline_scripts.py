@@ -4,35 +4,21 @@ with the tiny model and data swapped in (slow marker)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from test_baselines import demo_config
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def run_script(name: str, *args: str, cwd: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline")
-    out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args],
-        capture_output=True, text=True, env=env, cwd=cwd, timeout=900,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+from test_benchmark_scripts import run_benchmark
 
 
 @pytest.mark.slow
 def test_baseline_costs_times_every_method_against_p4q(world, tmp_path) -> None:
     config = demo_config(world, tmp_path, "p4q")
-    out = run_script(
+    out = run_benchmark(
         "baseline_costs.py", "--config", str(config), "--root", str(tmp_path / "costs"),
-        "--rounds", "1", "--classes", "3", "--batch", "2", "--steps", "1", cwd=tmp_path,
+        "--rounds", "1", "--classes", "3", "--batch", "2", "--steps", "1",
+        cwd=tmp_path, timeout=900,
     )  # fmt: skip
     ratios = dict(re.findall(r"^\| (\w+) \| [\d.]+ \| ([\d.]+)x \|$", out, re.MULTILINE))
     assert set(ratios) == {"p4q", "kgcoop", "tip_adapter", "tip_adapter_f", "clip_lora"}, out
@@ -46,9 +32,9 @@ def test_lora_merge_scores_the_side_branch_and_the_merged_requantized_model(
     world, tmp_path
 ) -> None:
     config = demo_config(world, tmp_path, "clip_lora")
-    out = run_script(
+    out = run_benchmark(
         "lora_merge.py", "--config", str(config), "--quants", "w4a4",
-        "--root", str(tmp_path / "merge"), cwd=tmp_path,
+        "--root", str(tmp_path / "merge"), cwd=tmp_path, timeout=900,
     )  # fmt: skip
     row = re.search(r"^\| w4a4 \| (.+) \|$", out, re.MULTILINE)
     assert row is not None, out

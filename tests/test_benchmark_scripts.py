@@ -12,29 +12,23 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def run_benchmark(script: str, *args: str, cwd: Path | None = None, timeout: int = 600) -> str:
+    """Run ``benchmarks/<script>`` in a fresh process (this test run's import path, W&B
+    offline); fails the test with its stderr when it exits non-zero; returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), WANDB_MODE="offline")
+    cmd = [sys.executable, str(BENCHMARKS / script), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.mark.slow
 def test_train_step_benchmark_runs() -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_train_step.py"),
-            "--classes",
-            "4",
-            "--batch",
-            "2",
-            "--steps",
-            "1",
-            "--model",
-            "ViT-B-32",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "cached step (s)" in out.stdout and "checkpoint (MB)" in out.stdout
+    out = run_benchmark(
+        "bench_train_step.py", "--classes", "4", "--batch", "2", "--steps", "1",
+        "--model", "ViT-B-32",
+    )  # fmt: skip
+    assert "cached step (s)" in out and "checkpoint (MB)" in out
 
 
 @pytest.mark.slow
@@ -43,24 +37,16 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path) -> None:
     with sane values, so the script is ready whenever a GPU is."""
     import json
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "gpu_check.py"),
-            "--device",
-            "cpu",
-            "--tiny",
-            "--out",
-            str(tmp_path / "check.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    out = run_benchmark(
+        "gpu_check.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--out",
+        str(tmp_path / "check.json"),
         timeout=900,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    report = json.loads(out)
     assert report == json.loads((tmp_path / "check.json").read_text())
     assert report["device"] == "cpu" and report["tiny"] is True
     configs = {(s["classes"], s["precision"], s["checkpointing"]) for s in report["steps"]}
@@ -89,19 +75,11 @@ def test_gpu_check_runs_in_its_cpu_mode(tmp_path) -> None:
     assert "skipped" in tests["summary"]  # no CUDA here: every gpu test skips, none fails
 
 
-def _run_benchmark(script: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, str(BENCHMARKS / script), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
-
 @pytest.mark.slow
 def test_class_scaling_benchmark_runs() -> None:
     """``bench_class_scaling.py`` (the README's scaling table) on p4q-tiny: a row per class
     count, each step measured, and the weight accounting."""
-    out = _run_benchmark(
+    out = run_benchmark(
         "bench_class_scaling.py",
         *("--model", "p4q-tiny", "--classes", "4", "8", "--chunked"),
         *("--steps", "1", "--warmup", "1"),
@@ -116,7 +94,7 @@ def test_class_scaling_benchmark_runs() -> None:
 def test_text_checkpointing_benchmark_runs() -> None:
     """``bench_text_checkpointing.py`` (the README's checkpointing comparison) on p4q-tiny: a
     row per strategy, unchunked first."""
-    out = _run_benchmark(
+    out = run_benchmark(
         "bench_text_checkpointing.py",
         *("--model", "p4q-tiny", "--classes", "6", "--chunk", "2", "--reps", "1"),
     )
