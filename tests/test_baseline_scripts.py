@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from test_baselines import demo_config
 from test_benchmark_scripts import run_benchmark
@@ -32,6 +33,17 @@ def test_lora_merge_scores_the_side_branch_and_the_merged_requantized_model(
     world, tmp_path
 ) -> None:
     config = demo_config(world, tmp_path, "clip_lora")
+    # the real few-shot datamodule, as the shipped config has: it gives a test loader only
+    # after setup("test"), which the script must call after fit
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"] = {
+        "class_path": "p4q_lightning.data.FewShotDataModule",
+        "init_args": {
+            "dataset": str(world["data"]), "shots": 2, "num_workers": 0, "image_size": 32,
+            "split_dir": str(tmp_path / "splits"),
+        },
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(cfg))
     out = run_benchmark(
         "lora_merge.py", "--config", str(config), "--quants", "w4a4",
         "--root", str(tmp_path / "merge"), cwd=tmp_path, timeout=900,
