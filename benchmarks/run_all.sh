@@ -29,3 +29,6 @@ run benchmarks/bench_onnx.py --preset w4a4
 run benchmarks/onnx_agreement.py
 run benchmarks/bench_folder_index.py --rounds 5         # suite start: listed vs indexed folder
 run benchmarks/bench_sweep_frozen.py                    # sweep: frozen work once (store) vs every run
+run benchmarks/bench_text_checkpointing.py --classes 300 --chunk 100  # recomputation strategies vs unchunked
+run benchmarks/baseline_costs.py                        # baselines: demo fit and ViT-B/32 step vs P4Q
+run benchmarks/lora_merge.py                            # CLIP-LoRA side branch vs merged + re-quantized (not a timing)
